@@ -1,0 +1,49 @@
+"""The one place that decides where fmri_bench reads and writes its own files.
+
+- ``cache_dir()``: derived, reproducible artefacts (flat-map operators, dequantised models).
+  ``$FMRI_BENCH_CACHE`` if set, else ``<checkout>/.cache`` when running from a source
+  checkout, else ``~/.cache/fmri_bench``.
+- ``data_dir()``: generated datasets (the synthetic cohort, shards). ``$FMRI_BENCH_DATA`` if
+  set, else ``cache_dir() / "data"``.
+- ``package_data(name)``: small committed assets shipped inside the package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def checkout_root() -> Path | None:
+    """The source checkout holding this package (has pyproject.toml), or None when installed."""
+    root = PACKAGE_DIR.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("FMRI_BENCH_CACHE")
+    if env:
+        path = Path(env)
+    elif (root := checkout_root()) is not None:
+        path = root / ".cache"
+    else:
+        path = Path.home() / ".cache" / "fmri_bench"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir() -> Path:
+    env = os.environ.get("FMRI_BENCH_DATA")
+    path = Path(env) if env else cache_dir() / "data"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_data(name: str) -> Path:
+    """Path of a committed asset in ``fmri_bench/data``."""
+    path = PACKAGE_DIR / "data" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: packaged asset missing (reinstall fmri_bench)")
+    return path
