@@ -43,8 +43,87 @@ def _run_flatten(args) -> int:
     return 0 if not summary.failed else 2
 
 
+# --- book ------------------------------------------------------------------------------------
+def _add_book(sub) -> None:
+    p = sub.add_parser("book", help="execute the chapter notebooks (papermill) and build the HTML book")
+    p.add_argument("--profile", default="book", choices=["smoke", "book"],
+                   help="smoke: seconds per chapter (CI); book: the full chapters (default)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="run only these notebooks (01, 01_flat_maps or the file name)")
+    p.add_argument("--no-build", action="store_true", help="execute the notebooks, skip the HTML build")
+    p.add_argument("--strict", action="store_true", help="fail the HTML build on any Sphinx warning")
+    p.add_argument("--notebooks", default=None, help="directory of source notebooks (default notebooks/)")
+    p.add_argument("--out", default=None,
+                   help="directory for executed notebooks and results (default book/; the HTML build needs it)")
+    p.set_defaults(func=_run_book)
+
+
+def _run_book(args) -> int:
+    from pathlib import Path
+
+    from fmri_bench.book import NotebookError, build_book, run_notebooks
+
+    notebooks = None
+    if args.notebooks is not None:
+        notebooks = sorted(Path(args.notebooks).glob("*.ipynb"))
+        if not notebooks:
+            raise InputError("no notebooks (*.ipynb) found", args.notebooks)
+    if args.out is not None and not args.no_build:
+        raise InputError("--out is for executing only: add --no-build (the HTML build reads book/)")
+    try:
+        runs = run_notebooks(args.profile, notebooks, out_dir=args.out, only=args.only)
+        print(f"{len(runs)} notebooks executed in {sum(r.seconds for r in runs):.1f} s ({args.profile})")
+        if not args.no_build:
+            build_book(strict=args.strict)
+    except NotebookError as err:
+        print(f"fmri-bench book: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- pretrain --------------------------------------------------------------------------------
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain the flat-map MAE (resumable; DDP under torchrun)")
+    p.add_argument("--config", default=None, help="YAML TrainConfig (default: the tiny CPU settings)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, dotted keys and YAML values: steps=1000 data.downsample=2 "
+                        "model_overrides.depth=6")
+    p.add_argument("--run-dir", required=True, help="directory for config, metrics, checkpoints, figures")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args) -> int:
+    import os
+
+    from fmri_bench.train import load_config, train
+
+    metrics = train(load_config(args.config, args.overrides), args.run_dir, resume=args.resume)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"step {metrics['step']}: train loss {metrics['train_loss']:.4f}, val {metrics['val_loss']}, "
+              f"val OOD {metrics['val_ood_loss']}, {metrics['clips_per_s']:.1f} clips/s -> {args.run_dir}")
+    return 0
+
+
+# --- simulate --------------------------------------------------------------------------------
+def _add_simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="generate the synthetic HCP-like cohort with its ground truth")
+    p.add_argument("--profile", default="smoke", help="smoke | book | scaling (default smoke)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--subjects", type=int, default=None, help="number of subjects (default: the profile's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")
+    p.set_defaults(func=_run_simulate)
+
+
+def _run_simulate(args) -> int:
+    from fmri_bench.synth import simulate
+
+    print(simulate(args.profile, args.out, subjects=args.subjects, seed=args.seed, progress=True).line())
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
-_COMMANDS = [_add_flatten]
+_COMMANDS = [_add_flatten, _add_book, _add_pretrain, _add_simulate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,329 @@
+"""Convert fMRI files into flat-map WebDataset shards (what ``fmri-bench flatten`` runs).
+
+In: CIFTI dtseries / dscalar, GIFTI func.gii (both hemispheres, found by name), NIfTI volumes
+(read by ``fmri_bench.io.load_run``). Out: ``{out}/shard-{index:06d}.tar`` shards, one sample
+per run (``fmri_bench.shards`` layout), and a :class:`FlattenSummary`.
+
+Each run goes through ``fmri_bench.preprocess.preprocess_run`` with the space's
+``fmri_bench.flatmap.FlatMapper`` (z-score per vertex, TR -> ``tr``, rasterise, float16); a
+3D volume or dscalar is a single-frame map stored as given. A bad input is reported on stderr
+as one line naming the file, skipped, and listed in the summary; the others are still
+converted. A run enters a shard only once fully converted, and shards are written atomically,
+so a failure never leaves a partial shard.
+
+Splitting over independent jobs: job ``i`` of ``n`` converts ``inputs[i::n]`` and writes the
+shard indices ``i, i + n, i + 2n, ...``, so jobs never collide and, without failures, together
+number their shards ``0 .. N-1``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fmri_bench.errors import InputError
+from fmri_bench.shards import ShardWriter, encode_sample
+
+_SUFFIXES = (".dtseries.nii", ".dscalar.nii", ".func.gii", ".shape.gii", ".nii.gz", ".nii",
+             ".gii.gz", ".gii")
+_ENTITY_RE = re.compile(r"^([A-Za-z0-9]+)-([A-Za-z0-9]+)$")
+
+
+@dataclass
+class FlattenSummary:
+    """What a ``flatten`` call did. failed: (file, one-line message) per skipped input."""
+
+    runs: int = 0
+    frames: int = 0  # frames written (after TR resampling)
+    seconds: float = 0.0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        text = (f"runs={self.runs} frames={self.frames} seconds={self.seconds:.2f} "
+                f"frames/s={self.frames_per_s:.1f} failed={len(self.failed)}")
+        if self.failed:
+            text += " (" + ", ".join(os.path.basename(f) for f, _ in self.failed) + ")"
+        return text
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def _stem(name: str) -> str:
+    for suffix in _SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def sample_key(path: str | os.PathLike) -> str:
+    """A webdataset key from a file name: its stem, made of ``[A-Za-z0-9_-]``.
+
+    ``sub-01_task-rest_bold.dtseries.nii`` -> ``sub-01_task-rest_bold``; a GIFTI hemisphere tag
+    is dropped; a name without ``sub-`` takes the subject from the nearest parent folder that is
+    ``sub-XX`` or all digits (HCP: ``100206/.../tfMRI_WM_LR_Atlas_MSMAll.dtseries.nii`` ->
+    ``sub-100206_tfMRI_WM_LR_Atlas_MSMAll``).
+    """
+    path = Path(path)
+    stem = _stem(path.name)
+    if path.name.lower().endswith((".gii", ".gii.gz")):  # one key for both hemispheres
+        stem = re.sub(r"_?hemi-[LR](?=_|$)", "", stem)
+        stem = re.sub(r"\.[LR](?=\.|$)", "", stem)
+        stem = re.sub(r"^[lr]h\.|_[lr]h(?=_|$)", "", stem)
+    if "sub-" not in stem:
+        for parent in path.parents:  # as given: folders above it do not count
+            if parent.name.startswith("sub-") or parent.name.isdigit():
+                stem = f"sub-{parent.name.removeprefix('sub-')}_{stem}"
+                break
+    key = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")
+    return key or "run"
+
+
+def unique_keys(names: list) -> list[str]:
+    """``sample_key`` of each input; repeats get ``-2``, ``-3``, ... in input order."""
+    keys, seen = [], {}
+    for name in names:
+        key = sample_key(name[0] if isinstance(name, tuple) else name)
+        seen[key] = seen.get(key, 0) + 1
+        keys.append(key if seen[key] == 1 else f"{key}-{seen[key]}")
+    return keys
+
+
+def _entities(key: str) -> dict[str, str]:
+    """BIDS entities in a key (``sub-01_ses-2_task-rest`` -> {sub: 01, ses: 2, task: rest})."""
+    out = {}
+    for part in key.split("_"):
+        m = _ENTITY_RE.match(part)
+        if m:
+            out.setdefault(m.group(1), m.group(2))
+    return out
+
+
+# ----------------------------------------------------------------------------- one run
+
+_MAPPERS: dict = {}  # space -> FlatMapper, per process (inherited by forked workers)
+_THREADS: int | None = None  # rasteriser threads; 1 inside worker processes
+
+
+def _mapper(space: str):
+    if space not in _MAPPERS:
+        from fmri_bench.flatmap import FlatMapper
+
+        _MAPPERS[space] = FlatMapper(space)
+    if _THREADS is not None and hasattr(_MAPPERS[space], "threads"):
+        _MAPPERS[space].threads = _THREADS
+    return _MAPPERS[space]
+
+
+def _init_worker() -> None:
+    """In a forked worker: one rasteriser thread per process (the processes are the
+    parallelism), and no thread pool inherited from the parent (its threads did not fork)."""
+    global _THREADS
+    _THREADS = 1
+    import fmri_bench.flatmap as flatmap
+
+    if hasattr(flatmap, "_pool") and hasattr(flatmap._pool, "cache_clear"):
+        flatmap._pool.cache_clear()
+
+
+def _events_records(events) -> list[dict]:
+    if events is None or len(events) == 0:
+        return []
+    records = []
+    for onset, duration, trial_type in events[["onset", "duration", "trial_type"]].itertuples(
+            index=False):
+        if onset != onset:  # NaN: an event without a time cannot be cut out
+            continue
+        records.append({"onset": float(onset),
+                        "duration": float(duration) if duration == duration else None,
+                        "trial_type": str(trial_type)})
+    return records
+
+
+def convert_run(item, key: str, space: str | None = None, tr: float = 1.0,
+                input_tr: float | None = None, events=None) -> dict:
+    """One input (a path or a (left, right) GIFTI pair) -> an encoded shard sample.
+
+    Raises InputError (naming the file) on bad input.
+    """
+    from fmri_bench.io import load_run
+    from fmri_bench.preprocess import preprocess_run
+
+    run = load_run(item, space=space, tr=input_tr, events=events)
+    mapper = _mapper(run.space)
+    bold, tr_out = preprocess_run(run, mapper, tr=tr)  # (T', n_pixels) float16
+    meta = {
+        "key": key,
+        "space": run.space,
+        "grid": mapper.grid_meta(),
+        "tr": None if tr_out is None else float(tr_out),
+        "input_tr": None if run.tr is None else float(run.tr),
+        "source": os.path.basename(run.source),
+        "is_map": bool(run.is_map),
+        "n_pixels": int(mapper.n_pixels),
+        "entities": _entities(key),
+    }
+    return encode_sample(key, bold, mapper.mask, meta, _events_records(run.events))
+
+
+def _convert_safe(item, key, space, tr, input_tr, events) -> tuple[dict | None, str | None]:
+    """convert_run, with any failure turned into one line naming the file (for the parent)."""
+    name = os.fspath(item[0] if isinstance(item, tuple) else item)
+    try:
+        return convert_run(item, key, space, tr, input_tr, events), None
+    except InputError as err:
+        return None, str(err) if err.path else f"{name}: {err}"
+    except Exception as err:  # noqa: BLE001 - one bad file must not stop the others
+        text = " ".join(str(err).split())[:200]
+        return None, f"{name}: {type(err).__name__}: {text}"
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"output directory is not writable ({err.strerror or err})", out) from None
+
+
+def _items(inputs: list, events: list | None) -> tuple[list, list]:
+    """Inputs -> conversion items: a GIFTI hemisphere becomes its (left, right) pair, once."""
+    from fmri_bench.io import file_kind, gifti_pair
+
+    items, item_events, seen = [], [], set()
+    for i, path in enumerate(inputs):
+        item = os.fspath(path)
+        try:
+            if file_kind(item) == "gifti":
+                lh, rh = gifti_pair(item)
+                if (str(lh), str(rh)) in seen:
+                    continue  # the other hemisphere of a pair already listed
+                seen.add((str(lh), str(rh)))
+                item = (str(lh), str(rh))
+        except InputError:
+            pass  # load_run reports it, in the job that owns this input
+        items.append(item)
+        item_events.append(events[i] if events is not None else None)
+    return items, item_events
+
+
+def _spaces(space: str | None, items: list) -> list[str]:
+    """The flat maps these items will need, as far as known from the file names."""
+    if space is not None:
+        return [space]
+    from fmri_bench.io import file_kind
+
+    kinds = set()
+    for item in items:
+        try:
+            kinds.add(file_kind(item[0] if isinstance(item, tuple) else item))
+        except InputError:
+            pass
+    return [s for k, s in (("cifti", "fs_LR_32k"), ("nifti", "fsaverage5")) if k in kinds]
+
+
+def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
+            input_tr: float | None = None, events=None, shard_size: int = 32, workers: int = 1,
+            shard_index: int = 0, num_shards: int = 1, progress: bool = True,
+            prefix: str = "shard") -> FlattenSummary:
+    """Convert fMRI files to flat-map shards in ``out``; returns what was done.
+
+    inputs: file paths. space: ``fs_LR_32k`` / ``fsaverage5`` (None: the file's own). tr:
+    target TR in seconds; input_tr: overrides the header TR. events: one events path per input
+    (None: look beside each run). workers > 1 loads and preprocesses in that many processes;
+    the parent writes in input order, so the shards are the same bytes for any ``workers``.
+    This job converts ``inputs[shard_index::num_shards]``.
+    """
+    t0 = time.perf_counter()
+    inputs = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike))
+                                     else inputs)]
+    if shard_size < 1 or workers < 1:
+        raise InputError("--shard-size and --workers must be >= 1")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise InputError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
+    if not tr > 0 or (input_tr is not None and not input_tr > 0):
+        raise InputError("--tr and --input-tr must be > 0 seconds")
+    if events is not None:
+        events = list(events)
+        if len(events) != len(inputs):
+            raise InputError(f"--events: {len(events)} files for {len(inputs)} inputs "
+                             "(give one per input, in the same order)")
+    out = Path(out)
+    _check_out_dir(out)
+
+    items, item_events = _items(inputs, events)
+    keys = unique_keys(items)
+    mine = list(range(shard_index, len(items), num_shards))
+    if workers > 1 and len(mine) > 1:
+        for s in _spaces(space, [items[i] for i in mine]):
+            _mapper(s)  # build / load once, before the workers fork
+
+    summary = FlattenSummary()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(mine), disable=not progress, unit="run", file=sys.stderr,
+               desc="flatten")
+    jobs = [(items[i], keys[i], space, tr, input_tr, item_events[i]) for i in mine]
+    with ShardWriter(out, shard_size=shard_size, prefix=prefix, start_index=shard_index,
+                     index_step=num_shards) as sink:
+        for job, (sample, error) in zip(jobs, _run_all(jobs, workers)):
+            if error is not None:
+                name = job[0][0] if isinstance(job[0], tuple) else job[0]
+                summary.failed.append((name, error))
+                bar.write(f"fmri-bench flatten: error: {error}", file=sys.stderr)
+            else:
+                sink.write_encoded(sample)
+                summary.runs += 1
+                summary.frames += json.loads(sample["meta.json"])["n_frames"]
+            bar.update(1)
+    bar.close()
+    summary.shards = [str(p) for p in sink.paths]
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _run_all(jobs: list, workers: int):
+    """Yield ``_convert_safe`` results in job order; with workers > 1 from a process pool,
+    at most ``2 * workers`` runs in flight (a long run is hundreds of MB)."""
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield _convert_safe(*job)
+        return
+    # fork: workers inherit the flat-map operators already loaded (and test doubles)
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_init_worker,
+                             mp_context=multiprocessing.get_context("fork")) as pool:
+        pending: deque = deque()
+        todo = iter(jobs)
+        try:
+            for job in todo:
+                pending.append(pool.submit(_convert_safe, *job))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_convert_safe, *nxt))
+                yield result
+        finally:  # interrupted (the consumer stopped): do not wait for runs nobody will write
+            for future in pending:
+                future.cancel()

@@ -1,0 +1,220 @@
+"""Scaling-law fits: validation loss against amount of pretraining data.
+
+In: points (N, L): N training frames (or hours, subjects), L the best validation loss of the
+run trained on N. Out: ``PowerLawFit`` objects with parameters, bootstrap confidence
+intervals and R^2, and a log-log plot with the paper's fits beside ours.
+
+Two forms:
+- ``fit_paper``: ``L = (N / a)^b``, the paper's form (PAPERS.md section 1, "Scaling law"),
+  an ordinary least-squares line in log-log space: ``log L = b log N - b log a``.
+- ``fit_offset``: ``L = L_inf + (N / N_c)^-alpha``, a power law that saturates at an
+  irreducible loss, fitted by nonlinear least squares on ``log L`` (scipy
+  ``least_squares`` with bounds), so every point weighs by relative error as in the log-log fit.
+
+Confidence intervals resample the points with replacement (seeded) and refit. R^2 is measured
+on log L, the space the fits minimise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from fmri_bench.errors import InputError
+
+# Fits published in the paper (v2), N = training frames (TR 1 s); quoted, not measured here.
+PAPER_FITS = {
+    "HCP val": {"a": 15.0, "b": -0.014},
+    "NSD val": {"a": 7.0, "b": -0.017},
+}
+# v2 table: hours of training data -> best validation MSE (HCP, NSD).
+PAPER_POINTS = {
+    "hours": (130, 252, 455, 887, 1834),
+    "HCP val": (0.860, 0.852, 0.846, 0.838, 0.828),
+    "NSD val": (0.831, 0.823, 0.815, 0.812, 0.808),
+}
+
+
+def paper_points(name: str = "HCP val") -> tuple[np.ndarray, np.ndarray]:
+    """The paper's v2 points as (N frames, L), hours x 3600 frames at TR 1 s."""
+    return np.asarray(PAPER_POINTS["hours"], float) * 3600, np.asarray(PAPER_POINTS[name], float)
+
+
+def geometric_sizes(n_min: float, n_max: float, k: int, integer: bool = True) -> np.ndarray:
+    """k sizes evenly spaced in log between n_min and n_max (both included), for the sweep.
+
+    Integer sizes are rounded and deduplicated, so fewer than k can come back for narrow ranges.
+    """
+    if not (0 < n_min <= n_max) or k < 1:
+        raise InputError(f"need 0 < n_min <= n_max and k >= 1, got {n_min}, {n_max}, {k}")
+    sizes = np.geomspace(n_min, n_max, k) if k > 1 else np.asarray([float(n_max)])
+    return np.unique(np.round(sizes).astype(np.int64)) if integer else sizes
+
+
+@dataclass
+class PowerLawFit:
+    """A fitted scaling law. ``params`` name -> value, ``ci`` name -> (low, high)."""
+
+    form: str  # "paper": L = (N/a)^b ; "offset": L = L_inf + (N/N_c)^-alpha
+    params: dict[str, float]
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    r2: float = math.nan
+    n_points: int = 0
+    name: str = ""
+    source: str = "synthetic"  # or "paper" for the published fits
+
+    def predict(self, n) -> np.ndarray:
+        n = np.asarray(n, dtype=float)
+        p = self.params
+        if self.form == "paper":
+            return (n / p["a"]) ** p["b"]
+        return p["L_inf"] + (n / p["N_c"]) ** (-p["alpha"])
+
+    @property
+    def exponent(self) -> float:
+        """Slope of the loss in log-log: b for the paper form, -alpha for the offset form."""
+        return self.params["b"] if self.form == "paper" else -self.params["alpha"]
+
+    def label(self) -> str:
+        p = self.params
+        if self.form == "paper":
+            s = f"L = (N/{p['a']:.3g})^{p['b']:.3f}"
+        else:
+            s = f"L = {p['L_inf']:.3f} + (N/{p['N_c']:.3g})^-{p['alpha']:.3f}"
+        return f"{self.name}: {s}" if self.name else s
+
+    def to_dict(self) -> dict:
+        return {"form": self.form, "params": self.params, "ci": {k: list(v) for k, v in self.ci.items()},
+                "r2": self.r2, "n_points": self.n_points, "name": self.name, "source": self.source}
+
+
+def paper_fit(name: str = "HCP val") -> PowerLawFit:
+    return PowerLawFit("paper", dict(PAPER_FITS[name]), name=f"paper v2 {name}", source="paper")
+
+
+def _points(n, loss, min_points: int) -> tuple[np.ndarray, np.ndarray]:
+    n, loss = np.asarray(n, float).ravel(), np.asarray(loss, float).ravel()
+    if n.shape != loss.shape:
+        raise InputError(f"N {n.shape} and L {loss.shape} differ in length")
+    if not (np.all(np.isfinite(n)) and np.all(np.isfinite(loss)) and (n > 0).all() and (loss > 0).all()):
+        raise InputError("scaling points need finite, positive N and L")
+    if len(np.unique(n)) < min_points:
+        raise InputError(f"need at least {min_points} distinct data sizes, got {len(np.unique(n))}")
+    return n, loss
+
+
+def _r2(y, yhat) -> float:
+    ss = np.sum((y - y.mean()) ** 2)
+    return float(1 - np.sum((y - yhat) ** 2) / ss) if ss > 0 else math.nan
+
+
+def _paper_params(n, loss) -> dict[str, float]:
+    b, c = np.polyfit(np.log(n), np.log(loss), 1)
+    return {"a": float(np.exp(-c / b)) if b != 0 else math.inf, "b": float(b)}
+
+
+def _offset_params(n, loss) -> dict[str, float]:
+    logn, logl = np.log(n), np.log(loss)
+    lmin = float(loss.min())
+
+    def resid(theta):
+        l_inf, log_nc, alpha = theta
+        return np.log(l_inf + np.exp(-alpha * (logn - log_nc))) - logl
+
+    # start: half the smallest loss as the floor, then a log-log line through the rest
+    l0 = 0.5 * lmin
+    slope, icpt = np.polyfit(logn, np.log(np.maximum(loss - l0, 1e-12)), 1)
+    alpha0 = float(np.clip(-slope, 1e-3, 5.0))
+    x0 = [l0, float(icpt / alpha0), alpha0]
+    lo = [0.0, -100.0, 1e-4]
+    hi = [lmin * (1 - 1e-9), 100.0, 5.0]
+    x0 = np.clip(x0, np.add(lo, 1e-12), np.subtract(hi, 1e-12))
+    sol = least_squares(resid, x0, bounds=(lo, hi), x_scale="jac", max_nfev=2000)
+    l_inf, log_nc, alpha = sol.x
+    return {"L_inf": float(l_inf), "N_c": float(np.exp(log_nc)), "alpha": float(alpha)}
+
+
+def _bootstrap(fit_fn, n, loss, n_boot: int, seed: int, min_points: int, level: float):
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(n), len(n))
+        if len(np.unique(n[idx])) < min_points:
+            continue
+        for k, v in fit_fn(n[idx], loss[idx]).items():
+            draws.setdefault(k, []).append(v)
+    q = [(1 - level) / 2, (1 + level) / 2]
+    return {k: tuple(float(x) for x in np.quantile(v, q)) for k, v in draws.items()}
+
+
+def fit_paper(n, loss, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+              name: str = "") -> PowerLawFit:
+    """Fit L = (N/a)^b by least squares on log L vs log N. n, loss: (P,) -> PowerLawFit."""
+    n, loss = _points(n, loss, 2)
+    params = _paper_params(n, loss)
+    fit = PowerLawFit("paper", params, n_points=len(n), name=name)
+    fit.r2 = _r2(np.log(loss), np.log(fit.predict(n)))
+    if n_boot:
+        fit.ci = _bootstrap(_paper_params, n, loss, n_boot, seed, 2, level)
+    return fit
+
+
+def fit_offset(n, loss, n_boot: int = 200, seed: int = 0, level: float = 0.95,
+               name: str = "") -> PowerLawFit:
+    """Fit L = L_inf + (N/N_c)^-alpha on log L, bounds 0 <= L_inf < min L, 1e-4 <= alpha <= 5."""
+    n, loss = _points(n, loss, 4)
+    params = _offset_params(n, loss)
+    fit = PowerLawFit("offset", params, n_points=len(n), name=name)
+    fit.r2 = _r2(np.log(loss), np.log(fit.predict(n)))
+    if n_boot:
+        fit.ci = _bootstrap(_offset_params, n, loss, n_boot, seed, 4, level)
+    return fit
+
+
+def plot_scaling(points: dict[str, tuple], fits: list[PowerLawFit] = (), ax=None,
+                 paper: bool = True, paper_lines: bool = False, xlabel: str = "training frames N",
+                 ylabel: str = "best validation loss L"):
+    """Log-log plot of points {name: (N, L)} with fit lines; the paper's exponents beside ours.
+
+    paper: add a text box comparing our exponents with the paper's v2 fits (labelled as
+    the paper's). paper_lines: also draw the paper's fitted curves (dashed grey); their loss
+    scale belongs to real HCP / NSD data, not to ours.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 4))
+    all_n = []
+    for name, (n, loss) in points.items():
+        ax.scatter(n, loss, label=name, zorder=3)
+        all_n.append(np.asarray(n, float))
+    grid = (np.geomspace(min(x.min() for x in all_n), max(x.max() for x in all_n), 100)
+            if all_n else np.geomspace(1e5, 1e7, 100))
+    for fit in fits:
+        ax.plot(grid, fit.predict(grid), label=f"{fit.label()}  (R²={fit.r2:.3f})")
+    if paper_lines:
+        for name in PAPER_FITS:
+            pf = paper_fit(name)
+            ax.plot(grid, pf.predict(grid), ls="--", color="0.5", label=pf.label())
+    if paper:
+        lines = ["log-log slope (ours):"]
+        for fit in fits:
+            lo_hi = fit.ci.get("b") if fit.form == "paper" else fit.ci.get("alpha")
+            ci = ""
+            if lo_hi:
+                lo, hi = (lo_hi if fit.form == "paper" else (-lo_hi[1], -lo_hi[0]))
+                ci = f" [{lo:.3f}, {hi:.3f}]"
+            lines.append(f"  {fit.name or fit.form}: {fit.exponent:.3f}{ci}")
+        lines.append("paper v2 (real data, quoted):")
+        lines += [f"  {k}: L=(N/{v['a']:g})^{v['b']}" for k, v in PAPER_FITS.items()]
+        ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, fontsize=7, va="bottom",
+                family="monospace", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc="upper right")
+    return ax

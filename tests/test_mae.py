@@ -1,0 +1,243 @@
+"""The flat-map MAE: shapes, masking inside the brain, the brain-masked loss, presets, files."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+
+from fmri_bench.errors import InputError
+from fmri_bench.models.mae import PRESETS, MAEConfig, MaskedAutoencoderViT, from_pretrained, preset_config
+
+# a model small enough for milliseconds: 2 x 4 x 8 = 64 tokens
+SMALL = dict(img_size=(32, 64), num_frames=4, patch_size=8, t_patch_size=2, embed_dim=32, depth=1,
+             num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_model(**kw) -> MaskedAutoencoderViT:
+    torch.manual_seed(0)
+    return MaskedAutoencoderViT(MAEConfig(**{**SMALL, **kw}))
+
+
+def brain_mask(H=32, W=64) -> torch.Tensor:
+    """Two 'hemispheres': pixel blocks that cover some patches fully, some partly, some not at all."""
+    m = torch.zeros(H, W, dtype=torch.bool)
+    m[4:28, 3:29] = True
+    m[10:30, 36:60] = True
+    return m
+
+
+def clips(n=2, T=4, H=32, W=64, seed=0) -> torch.Tensor:
+    return torch.randn(n, 1, T, H, W, generator=torch.Generator().manual_seed(seed))
+
+
+def test_patchify_unpatchify_round_trip_and_layout():
+    model = small_model()
+    x = clips()
+    p = model.patchify(x)
+    assert p.shape == (2, 64, 2 * 8 * 8)
+    assert torch.equal(model.unpatchify(p), x)
+    # token (t=1, h=2, w=3), element (u=1, row 4, col 5) is frame 3, pixel (20, 29)
+    assert p[0, 1 * 32 + 2 * 8 + 3, 1 * 64 + 4 * 8 + 5] == x[0, 0, 3, 20, 29]
+    target = model.pred_target(x)  # every 2nd frame, 1 frame per token
+    assert target.shape == (2, 64, 64)
+    assert torch.equal(model.unpatchify(target, t_patch=1), x[:, :, ::2])
+
+
+def test_forward_shapes():
+    model = small_model()
+    loss, pred, visible = model(clips(), brain_mask(), torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert pred.shape == (2, 64, 1 * 8 * 8) and visible.shape == (2, 64) and visible.dtype == torch.bool
+    assert visible.sum(1).tolist() == [int(64 * (1 - 0.9))] * 2  # 6 of 64, as upstream's int()
+    feats = model.forward_features(clips(), brain_mask())
+    assert feats["cls"].shape == (2, 32) and feats["avg_patch"].shape == (2, 32)
+    assert feats["patch"].shape == (2, 64, 32)
+    brain = feats["brain"]
+    assert torch.allclose(feats["avg_patch"], feats["patch"].sum(1) / brain.sum(1, keepdim=True))
+    assert (feats["patch"][~brain] == 0).all()
+    rec = model.reconstruct(clips(), brain_mask())
+    assert rec["pred"].shape == rec["target"].shape == (2, 1, 2, 32, 64)
+
+
+def test_paper_token_grid():
+    cfg = preset_config("mae_vit_base")
+    assert cfg.grid_size == (1, 14, 35) and cfg.num_patches == 490
+    assert int(cfg.num_patches * (1 - cfg.mask_ratio)) == 48  # "48 visible of 490"
+    assert preset_config("mae_vit_tiny").grid_size == (1, 14, 35)
+
+
+@pytest.mark.parametrize("tube", [False, True])
+def test_visible_tokens_only_inside_brain(tube):
+    model = small_model(tube_masking=tube, mask_ratio=0.75)
+    mask = brain_mask()
+    brain = model.brain_patches(mask[None])[0]
+    assert 0 < int(brain.sum()) < 64
+    # a patch is brain when any pixel is: patch (0, 3) holds only pixels 4..7 x 24..28 of the mask
+    assert brain[0] and brain[3] and not brain[4] and not brain[7] and brain[8 + 4]
+    gen = torch.Generator().manual_seed(1)
+    seen = torch.zeros(64, dtype=torch.bool)
+    for _ in range(20):
+        _, _, visible = model(clips(), mask, gen)
+        assert not (visible & ~brain).any()
+        seen |= visible.any(0)
+        if tube:  # one spatial draw shared by both temporal tokens
+            v = visible.view(2, 2, 32)
+            assert torch.equal(v[:, 0], v[:, 1])
+    assert torch.equal(seen, brain)  # and every brain token gets drawn sometimes
+
+
+def test_masking_is_reproducible_from_a_generator():
+    model = small_model()
+    a = model(clips(), brain_mask(), torch.Generator().manual_seed(3))
+    b = model(clips(), brain_mask(), torch.Generator().manual_seed(3))
+    c = model(clips(), brain_mask(), torch.Generator().manual_seed(4))
+    assert torch.equal(a[2], b[2]) and torch.equal(a[0], b[0])
+    assert not torch.equal(a[2], c[2])
+
+
+def test_loss_ignores_pixels_outside_the_brain():
+    model = small_model()
+    mask = brain_mask()
+    x = clips()
+    y = x.clone()
+    y[:, :, :, ~mask] = torch.randn_like(y[:, :, :, ~mask]) * 100
+    y[0, 0, 0, 0, 0] = float("nan")
+    la, pa, va = model(x, mask, torch.Generator().manual_seed(0))
+    lb, pb, vb = model(y, mask, torch.Generator().manual_seed(0))
+    assert torch.equal(va, vb) and torch.equal(pa, pb) and la.item() == lb.item()
+    feats_x, feats_y = model.forward_features(x, mask), model.forward_features(y, mask)
+    assert torch.equal(feats_x["cls"], feats_y["cls"])
+
+
+def test_loss_is_mse_over_masked_brain_pixels():
+    model = small_model()
+    mask, x = brain_mask(), clips(n=1)
+    loss, pred, visible = model(x, mask, torch.Generator().manual_seed(0))
+    target = model.pred_target(x * mask)
+    brain_px = model.pred_target(mask.expand(1, 1, 4, 32, 64).float())
+    w = brain_px * (~visible).unsqueeze(-1)
+    expected = ((pred - target) ** 2 * w).sum() / w.sum()
+    assert torch.allclose(loss, expected)
+    assert w.sum() == 2 * int(mask.sum()) - brain_px[visible].sum()  # 2 predicted frames, less the visible
+    # changing the prediction at visible tokens or outside the brain does not change the loss
+    pred2 = pred.detach().clone()
+    pred2[visible] = 1e3
+    pred2[brain_px.expand_as(pred2) == 0] = -1e3
+    assert torch.allclose(model.forward_loss(x * mask, pred2, visible, mask[None]), loss)
+
+
+def expected_params(cfg: MAEConfig) -> tuple[int, int]:
+    """Encoder and decoder parameter counts from the config alone."""
+    def block(d):
+        h = int(d * cfg.mlp_ratio)
+        return (3 * d * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d) + 4 * d
+
+    t, h, w = cfg.grid_size
+    D, Dd = cfg.embed_dim, cfg.decoder_embed_dim
+    patch = cfg.t_patch_size * cfg.patch_size ** 2 * cfg.in_chans
+    pred = cfg.t_pred_patch_size * cfg.patch_size ** 2 * cfg.in_chans
+    enc = patch * D + D + (h * w + t + 2) * D + cfg.depth * block(D) + 2 * D
+    dec = D * Dd + Dd + (1 + h * w + t + 1) * Dd + cfg.decoder_depth * block(Dd) + 2 * Dd + Dd * pred + pred
+    return enc, dec
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_parameter_counts(name):
+    cfg = preset_config(name)
+    model = MaskedAutoencoderViT(cfg)
+    enc, dec = expected_params(cfg)
+    assert model.num_params("encoder") == enc and model.num_params("decoder") == dec
+    if name == "mae_vit_base":  # the paper: 102.9M in all, 88.6M in the encoder
+        assert (enc + dec, enc) == (102_888_448, 88_581_120)
+        assert round((enc + dec) / 1e6, 1) == 102.9 and round(enc / 1e6, 1) == 88.6
+        assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (768, 12, 12)
+    if name == "mae_vit_small":
+        assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (384, 12, 6)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_parameter_gets_a_gradient(name):
+    # the preset's widths, heads, patching and grid, one block deep so the test stays quick
+    torch.manual_seed(0)
+    cfg = preset_config(name, depth=1, decoder_depth=1)
+    model = MaskedAutoencoderViT(cfg)
+    H, W = cfg.img_size
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    mask[H // 8: -H // 8, W // 10: -W // 10] = True
+    x = torch.randn(1, 1, cfg.num_frames, H, W)
+    loss, _, _ = model(x, mask, torch.Generator().manual_seed(0))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_tiny_preset_overfits_one_batch():
+    # the tiny preset's widths, depths, heads and tubelets on a 16 x 32 grid (8 tokens, 1 visible)
+    torch.manual_seed(0)
+    model = MaskedAutoencoderViT(preset_config("mae_vit_tiny", img_size=(16, 32), num_frames=16))
+    mask = torch.zeros(16, 32, dtype=torch.bool)
+    mask[2:14] = True
+    x = clips(n=1, T=16, H=16, W=32)
+    noise = model.draw_noise(1, torch.Generator().manual_seed(0))  # the same masking every step
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(80):
+        loss, _, _ = model(x, mask, noise=noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if losses[-1] < losses[0] / 10:
+            break
+    assert losses[0] > 0.8 and losses[-1] < losses[0] / 10
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = small_model(tube_masking=True)
+    model.save_pretrained(tmp_path / "m.pt")
+    again = from_pretrained(tmp_path / "m.pt")
+    assert again.config == model.config
+    x, mask = clips(), brain_mask()
+    assert torch.equal(model(x, mask, torch.Generator().manual_seed(0))[0],
+                       again(x, mask, torch.Generator().manual_seed(0))[0])
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="bad.pt"):
+        from_pretrained(tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="no such model file"):
+        from_pretrained(tmp_path / "missing.pt")
+
+
+def test_bad_config_and_bad_clip_give_clear_errors():
+    with pytest.raises(InputError, match="unknown MAE config key 'embed_dims'.*did you mean 'embed_dim'"):
+        MAEConfig.from_dict({"embed_dims": 8})
+    with pytest.raises(InputError, match="not divisible by patch_size"):
+        MAEConfig(img_size=(30, 64))
+    with pytest.raises(InputError, match="unknown model preset"):
+        preset_config("mae_vit_huge")
+    model = small_model()
+    with pytest.raises(InputError, match=r"clip has shape \(2, 1, 4, 30, 64\).*expects \(N, 1, 4, 32, 64\)"):
+        model(torch.zeros(2, 1, 4, 30, 64), brain_mask())
+    with pytest.raises(InputError, match="brain mask has shape"):
+        model(clips(), torch.ones(16, 16, dtype=torch.bool))
+    with pytest.raises(InputError, match="no in-brain pixels"):
+        model(clips(), torch.zeros(32, 64, dtype=torch.bool))
+
+
+def test_masking_figure():
+    from fmri_bench.models.viz import plot_masking, plot_reconstruction
+
+    model = small_model()
+    fig = plot_masking(model, clips(n=1)[0], brain_mask(), torch.Generator().manual_seed(0))
+    assert len(fig.axes) == 3
+    fig = plot_reconstruction(model.reconstruct(clips(), brain_mask()), brain_mask(), frames=(0, 1))
+    assert len(fig.axes) == 6

@@ -1,0 +1,34 @@
+"""Result records: mean and CI, JSON round trip, markdown table, paper numbers labelled."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fmri_bench.results import (
+    Record, mean_ci, paper_records_task21, read_results, summarize, to_markdown, write_results,
+)
+
+
+def test_mean_ci_t_interval():
+    v = [0.8, 0.9, 1.0]
+    m, lo, hi = mean_ci(v)
+    half = stats.t.ppf(0.975, 2) * np.std(v, ddof=1) / np.sqrt(3)
+    assert m == pytest.approx(0.9) and hi - m == pytest.approx(half) and m - lo == pytest.approx(half)
+    assert mean_ci([0.5]) == (0.5, 0.5, 0.5)
+    assert all(math.isnan(x) for x in mean_ci([]))
+
+
+def test_roundtrip_and_markdown(tmp_path):
+    recs = [summarize("state21", "MAE cls", [0.9, 0.92, 0.94], chance=1 / 21, ceiling=0.98)]
+    recs += paper_records_task21()
+    path = write_results(recs, tmp_path / "res.json")
+    back = read_results(path)
+    assert back[0].values == [0.9, 0.92, 0.94] and back[0].ceiling == 0.98
+    assert back[1].source == "paper" and math.isnan(back[1].ci_low)
+    md = to_markdown(back)
+    assert "| state21 | MAE cls | synthetic | accuracy | 92.0 |" in md
+    assert "| paper |" in md and "99.0" in md
+    with pytest.raises(ValueError):
+        Record("t", "m", 0.5, 0.4, 0.6, 3, source="guess")
