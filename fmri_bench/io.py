@@ -314,7 +314,10 @@ def read_cifti(path) -> Run:
         slot[cortex] = offset + np.arange(len(cortex))
         dest = slot[vertex]
         keep = dest >= 0  # medial-wall vertices in the file are dropped
-        out[:, dest[keep]] = data[:, start : start + count][:, keep]
+        if keep.all() and count == len(cortex) and (dest == offset + np.arange(count)).all():
+            out[:, offset : offset + count] = data[:, start : start + count]  # HCP order: a slice
+        else:
+            out[:, dest[keep]] = data[:, start : start + count][:, keep]
         found.add(name)
     if found != set(CORTEX_STRUCTURES):
         missing = ", ".join(sorted(set(CORTEX_STRUCTURES) - found))

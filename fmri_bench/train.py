@@ -176,7 +176,10 @@ class SyntheticClips:
         H, W = img_size
         self.num_frames, self.seed, self.site = num_frames, seed, site
         yy, xx = np.meshgrid(np.linspace(-1, 1, H), np.linspace(-1, 1, W), indexing="ij")
-        self.mask = (((xx + 0.5) / 0.45) ** 2 + (yy / 0.85) ** 2 < 1) | (((xx - 0.5) / 0.45) ** 2 + (yy / 0.85) ** 2 < 1)
+        def ellipse(cx):
+            return ((xx - cx) / 0.45) ** 2 + (yy / 0.85) ** 2 < 1
+
+        self.mask = ellipse(-0.5) | ellipse(0.5)
         rng = np.random.default_rng((seed, 7))
         maps = []
         for _ in range(n_networks):
@@ -513,6 +516,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], mask_gen)
+        if len(state["data"]) != dd.world:
+            raise InputError(f"checkpoint was written by {len(state['data'])} ranks, this run has {dd.world}: "
+                             "resume with the same number of processes", ckpt_path)
         stream.load_state_dict(state["data"][dd.rank])
         step = int(state["step"])
         if dd.main:  # drop what a killed run logged after its last checkpoint
@@ -523,7 +529,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
     val = {k: val_batches(cfg, k, mcfg) for k in ("val", "val_ood")} if dd.main else {}
     net = model
     if dd.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         net = torch.compile(net)
 
@@ -557,7 +564,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
             model.check_inputs(bold[:1], mask[:1])
         except InputError as err:
             raise InputError(f"clip {batch['key'][0]!r} (after data.downsample={ds}): {err.problem}; "
-                             f"set model_overrides.img_size / num_frames or data.downsample to match the data") from None
+                             "set model_overrides.img_size / num_frames or data.downsample to match the data"
+                             ) from None
         noise = model.draw_noise(cfg.batch_size, mask_gen)[dd.rank * b_local:(dd.rank + 1) * b_local]
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:

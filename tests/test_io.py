@@ -238,6 +238,15 @@ def test_nifti_tr(tmp_path):
     _nifti(tmp_path / "zero.nii", vol, tr=0.0)
     _raises(lambda: io.load_run(tmp_path / "zero.nii"), "zero.nii", "no TR")
     assert io.load_run(tmp_path / "zero.nii", tr=2.0).tr == 2.0
+    # int16 with scl_slope / scl_inter reads as the scaled float values
+    ints = np.random.default_rng(1).integers(-900, 900, MNI8_SHAPE + (2,)).astype(np.int16)
+    img = nib.Nifti1Image(ints, MNI8_AFFINE)
+    img.header.set_slope_inter(0.5, 10.0)
+    img.header["pixdim"][4] = 2.0
+    nib.save(img, tmp_path / "int16.nii.gz")
+    _nifti(tmp_path / "float.nii.gz", ints * 0.5 + 10.0, tr=2.0)
+    np.testing.assert_allclose(io.load_run(tmp_path / "int16.nii.gz").data,
+                               io.load_run(tmp_path / "float.nii.gz").data, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- events

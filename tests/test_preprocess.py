@@ -77,6 +77,22 @@ def test_resample_slow_sinusoid_exact(tr_in, tol):
     np.testing.assert_array_equal(resample_tr(x, tr_in, tr_in), x.astype(np.float32))
 
 
+@pytest.mark.parametrize("tr_in,tr_out", [(2.0, 1.0), (0.72, 0.5), (1.0, 0.3)])
+def test_resample_is_scipy_pchip(rng, tr_in, tr_out):
+    """Upsampling (no filter): the same numbers as scipy's PchipInterpolator, incl. flat runs,
+    monotone ramps and a constant vertex."""
+    from scipy.interpolate import PchipInterpolator
+
+    x = rng.standard_normal((50, 40)).astype(np.float32)
+    x[:, 0] = np.linspace(0, 1, 50)
+    x[:, 1] = 3.0
+    x[10:20, 2] = 0.5
+    y = resample_tr(x, tr_in, tr_out)
+    t_out = np.arange(len(y)) * tr_out
+    ref = PchipInterpolator(np.arange(50) * tr_in, x.astype(np.float64), axis=0)(t_out)
+    np.testing.assert_allclose(y, ref, atol=2e-6)
+
+
 def test_antialias_attenuates_above_new_nyquist():
     tr_in, tr_out = 0.25, 1.0  # Nyquist 2 Hz -> 0.5 Hz
     t = np.arange(800) * tr_in

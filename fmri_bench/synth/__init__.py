@@ -12,7 +12,8 @@ Modules: ``cohort`` (subjects, traits, families, connectome fingerprints), ``tim
 (1/f sources), ``tasks`` (HCP paradigms, events, HRF regressors, the 21 classes), ``maps``
 (source and activation maps on fs_LR 32k), ``noise`` (sites and noise), ``volume`` (MNI152
 runs), ``generate`` (truth -> run data), ``writer`` (files, shards), ``checks`` (analyses
-that show the truth is in the data).
+that show the truth is in the data), ``figures`` (chapter 0 plots). ``ensure_cohort(profile)``
+simulates a profile once per machine (under ``paths.data_dir()``) and reuses it.
 """
 
 from __future__ import annotations

@@ -67,6 +67,9 @@ def plot_tsnr_spectra(runs: dict, node_labels: np.ndarray):
         f, p = checks.spectrum(checks.parcel_means(data, node_labels), tr)
         b.loglog(f[1:], p[1:], label=label)
     a.set(xlabel="tSNR (mean / SD over time)", ylabel="density", title="vertex tSNR")
+    from matplotlib.ticker import NullFormatter
+
+    b.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap
     b.set(xlabel="frequency (Hz)", ylabel="power", title="network-node spectra (Welch)")
     a.legend(fontsize=8)
     b.legend(fontsize=8)

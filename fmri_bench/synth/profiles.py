@@ -40,7 +40,7 @@ class Profile:
 PROFILES = {
     "smoke": Profile("smoke", n_subjects=6, site_b_fraction=0.34, rest_s=30.0,
                      paradigms=("MOTOR",), tasks_per_subject=1, volume_subjects=2),
-    "book": Profile("book", n_subjects=40, rest_s=60.0, tasks_per_subject=2, volume_subjects=4),
+    "book": Profile("book", n_subjects=40, rest_s=90.0, tasks_per_subject=2, volume_subjects=4),
     "scaling": Profile("scaling", n_subjects=200, rest_s=180.0, tasks_per_subject=2, reps=2,
                        volume_subjects=0, stream=True),
 }
