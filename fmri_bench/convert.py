@@ -285,7 +285,7 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
     jobs = [(items[i], keys[i], space, tr, input_tr, item_events[i]) for i in mine]
     with ShardWriter(out, shard_size=shard_size, prefix=prefix, start_index=shard_index,
                      index_step=num_shards) as sink:
-        for job, (sample, error) in zip(jobs, _run_all(jobs, workers)):
+        for job, (sample, error) in zip(jobs, _run_all(jobs, workers, out)):
             if error is not None:
                 name = job[0][0] if isinstance(job[0], tuple) else job[0]
                 summary.failed.append((name, error))
@@ -301,7 +301,7 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
     return summary
 
 
-def _run_all(jobs: list, workers: int):
+def _run_all(jobs: list, workers: int, out: Path):
     """Yield ``_convert_safe`` results in job order; with workers > 1 from a process pool,
     at most ``2 * workers`` runs in flight (a long run is hundreds of MB)."""
     if workers == 1 or len(jobs) <= 1:
@@ -309,21 +309,51 @@ def _run_all(jobs: list, workers: int):
             yield _convert_safe(*job)
         return
     # fork: workers inherit the flat-map operators already loaded (and test doubles)
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_init_worker,
-                             mp_context=multiprocessing.get_context("fork")) as pool:
+    with tempfile.TemporaryDirectory(dir=out, prefix=".flatten-") as spill, ProcessPoolExecutor(
+            max_workers=min(workers, len(jobs)), initializer=_init_worker,
+            mp_context=multiprocessing.get_context("fork")) as pool:
         pending: deque = deque()
         todo = iter(jobs)
         try:
             for job in todo:
-                pending.append(pool.submit(_convert_safe, *job))
+                pending.append(pool.submit(_convert_spilled, spill, *job))
                 if len(pending) >= 2 * workers:
                     break
             while pending:
-                result = pending.popleft().result()
+                sample, error = pending.popleft().result()
                 nxt = next(todo, None)
                 if nxt is not None:
-                    pending.append(pool.submit(_convert_safe, *nxt))
-                yield result
+                    pending.append(pool.submit(_convert_spilled, spill, *nxt))
+                yield _unspill(sample), error
         finally:  # interrupted (the consumer stopped): do not wait for runs nobody will write
             for future in pending:
                 future.cancel()
+
+
+def _convert_spilled(spill_dir: str, *job) -> tuple[dict | None, str | None]:
+    """``_convert_safe`` in a worker process, with the ``bold.npy`` bytes (nearly all of a
+    sample: ~130 MB for an HCP run) left in a file in ``spill_dir`` for the parent, instead of
+    pickled through the result pipe (pickling, the pipe and unpickling took ~0.5 CPU-s per
+    HCP run, half of it in the parent, which also writes the shards)."""
+    sample, error = _convert_safe(*job)
+    if sample is not None:
+        fd, path = tempfile.mkstemp(dir=spill_dir, suffix=".npy")
+        with os.fdopen(fd, "wb") as f:
+            f.write(sample["bold.npy"])
+        sample["bold.npy"] = _Spilled(path)
+    return sample, error
+
+
+@dataclass(frozen=True)
+class _Spilled:
+    path: str
+
+
+def _unspill(sample: dict | None) -> dict | None:
+    """The sample with its spilled ``bold.npy`` read back (and the file removed)."""
+    if sample is not None and isinstance(sample["bold.npy"], _Spilled):
+        path = sample["bold.npy"].path
+        with open(path, "rb") as f:
+            sample["bold.npy"] = f.read()
+        os.unlink(path)
+    return sample

@@ -40,7 +40,8 @@ EVENT_COLUMNS = ["onset", "duration", "trial_type"]
 class Run:
     """One fMRI run (or one map) on the cortex vertices of a surface space.
 
-    data: (T, V) float32, V = cortex vertices of ``space``, left hemisphere then right.
+    data: (T, V) float32, V = cortex vertices of ``space``, left hemisphere then right (in any
+    memory order: a CIFTI run is a view of the memory-mapped file, each vertex contiguous).
     tr: seconds between frames, None for a map. is_map: a 3D volume, a dscalar or a single
     frame; stored as given (no temporal z-score or resampling). events: onset, duration,
     trial_type (seconds), sorted by onset, or None.
@@ -292,9 +293,8 @@ def read_cifti(path) -> Run:
     if data.ndim != 2:
         raise InputError(f"CIFTI data has shape {data.shape}, expected (frames, grayordinates)", path)
     left, right = fslr_cortex_vertices()
-    out = np.zeros((data.shape[0], FSLR_N_CORTEX), np.float32)
     offsets = {CORTEX_STRUCTURES[0]: (left, 0), CORTEX_STRUCTURES[1]: (right, len(left))}
-    found = set()
+    found = {}  # structure -> (file columns, destination columns in the cortex order)
     for bm in cols.brain_models:
         name = bm.brain_structure
         if name not in offsets or bm.model_type != "CIFTI_MODEL_TYPE_SURFACE":
@@ -310,18 +310,25 @@ def read_cifti(path) -> Run:
         if len(vertex) != count or start + count > data.shape[1] or (vertex >= n_mesh).any():
             raise InputError(f"malformed CIFTI brain model {name}", path)
         cortex, offset = offsets[name]
-        slot = np.full(FSLR_N_MESH, -1, np.int64)  # mesh vertex -> column in `out`
+        slot = np.full(FSLR_N_MESH, -1, np.int64)  # mesh vertex -> column in the output
         slot[cortex] = offset + np.arange(len(cortex))
         dest = slot[vertex]
         keep = dest >= 0  # medial-wall vertices in the file are dropped
-        if keep.all() and count == len(cortex) and (dest == offset + np.arange(count)).all():
-            out[:, offset : offset + count] = data[:, start : start + count]  # HCP order: a slice
-        else:
-            out[:, dest[keep]] = data[:, start : start + count][:, keep]
-        found.add(name)
-    if found != set(CORTEX_STRUCTURES):
-        missing = ", ".join(sorted(set(CORTEX_STRUCTURES) - found))
+        found[name] = (start + np.nonzero(keep)[0], dest[keep])
+    if set(found) != set(CORTEX_STRUCTURES):
+        missing = ", ".join(sorted(set(CORTEX_STRUCTURES) - set(found)))
         raise InputError(f"CIFTI file has no {missing} brain model", path)
+    src = np.concatenate([found[name][0] for name in CORTEX_STRUCTURES])
+    dest = np.concatenate([found[name][1] for name in CORTEX_STRUCTURES])
+    if len(src) == FSLR_N_CORTEX and (dest == np.arange(FSLR_N_CORTEX)).all() and (
+            np.diff(src) == 1).all():
+        # HCP files: the cortex is one run of columns in cortex order, so the data is a view of
+        # the file (nibabel memory-maps it; on disk each grayordinate's series is contiguous,
+        # so copying it out here would be a slow transposing copy)
+        out = data[:, src[0] : src[0] + FSLR_N_CORTEX]
+    else:
+        out = np.zeros((data.shape[0], FSLR_N_CORTEX), np.float32, order="F")
+        out[:, dest] = data[:, src]
     is_map = kind == "CIFTI_INDEX_TYPE_SCALARS" or out.shape[0] == 1
     return Run(out, "fs_LR_32k", tr, os.fspath(path), is_map=is_map)
 
@@ -697,6 +704,16 @@ def file_kind(path) -> str:
     raise InputError("unknown fMRI file type (expected .dtseries.nii, .dscalar.nii, .func.gii, .nii or .nii.gz)", path)
 
 
+def count_nonfinite(data: np.ndarray) -> int:
+    """Number of NaN/Inf values in data (T, V). One summing pass, no (T, V) mask: a NaN/Inf
+    makes its column sum NaN/Inf; only then (or on overflow) are the values counted."""
+    data = np.asarray(data)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(data.sum(axis=0)).all():
+            return 0
+    return int(data.size - np.isfinite(data).sum())
+
+
 def load_run(path, space: str | None = None, tr: float | None = None, events=None) -> Run:
     """Read any supported file into a Run, check it, attach events.
 
@@ -739,9 +756,9 @@ def load_run(path, space: str | None = None, tr: float | None = None, events=Non
         run.tr = sidecar_tr(path)
     if not run.is_map and run.tr is None:
         raise InputError("no TR in the header (0 or missing): pass the TR explicitly (--input-tr)", path)
-    bad = ~np.isfinite(run.data)
-    if bad.any():
-        raise InputError(f"{int(bad.sum())} NaN/Inf values in the data", path)
+    n_bad = count_nonfinite(run.data)
+    if n_bad:
+        raise InputError(f"{n_bad} NaN/Inf values in the data", path)
     if events is None:
         found = find_events(path)
         run.events = read_events(found) if found is not None else None

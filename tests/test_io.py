@@ -128,6 +128,15 @@ def test_cifti_full_grayordinates_and_other_vertex_subset(tmp_path):
     run = io.load_run(hcp)
     assert nib.load(hcp).shape == (2, 91282) and run.tr == pytest.approx(0.72)
     np.testing.assert_array_equal(run.data, data[:, : io.FSLR_N_CORTEX])
+    assert not run.data.flags.owndata  # the cortex columns are a view of the file, not a copy
+
+
+def test_count_nonfinite():
+    x = np.ones((5, 4), np.float32)
+    assert io.count_nonfinite(x) == 0
+    x[1, 2], x[0, 0], x[3, 0] = np.nan, np.inf, -np.inf
+    assert io.count_nonfinite(x) == 3 and io.count_nonfinite(np.asfortranarray(x)) == 3
+    assert io.count_nonfinite(np.full((4, 2), 3e38, np.float32)) == 0  # the sums overflow, the values do not
 
 
 def _series_file(path, step, exponent=0, unit="SECOND", n=3):

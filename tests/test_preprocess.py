@@ -11,7 +11,8 @@ import torch
 from fmri_bench.errors import InputError
 from fmri_bench.io import Run
 from fmri_bench.preprocess import (
-    n_frames_out, normalize_frames, preprocess_run, resample_tr, zscore_time,
+    antialias, antialias_gain, n_frames_out, normalize_frames, preprocess_run, resample_tr,
+    zscore_resample, zscore_time,
 )
 
 
@@ -104,6 +105,42 @@ def test_antialias_attenuates_above_new_nyquist():
     slow = np.sin(2 * np.pi * 0.1 * t)[:, None]  # passband, 0.1 Hz
     ys = resample_tr(slow, tr_in, tr_out)
     assert np.abs(ys - np.sin(2 * np.pi * 0.1 * np.arange(len(ys)))[:, None])[10:-10].max() < 1e-2
+
+
+def _dst_antialias(x, tr_in, tr_out):
+    """The exact filter ``antialias`` approximates: the line through the end frames set aside,
+    the rest low-passed in the DST-I domain, the line added back (float64)."""
+    from scipy import fft
+
+    x = np.asarray(x, np.float64)
+    line = x[:1] + np.linspace(0.0, 1.0, len(x))[:, None] * (x[-1:] - x[:1])
+    r = fft.dst((x - line)[1:-1], type=1, axis=0) * antialias_gain(len(x) - 2, tr_in, tr_out)[:, None]
+    out = line.copy()
+    out[1:-1] += fft.idst(r, type=1, axis=0)
+    return out
+
+
+@pytest.mark.parametrize("T", [3, 4, 5, 7, 10, 299, 300])
+@pytest.mark.parametrize("tr_in,tr_out", [(0.72, 1.0), (0.25, 1.0), (0.5, 0.8)])
+def test_antialias_banded_operator_matches_dst_filter(rng, T, tr_in, tr_out):
+    """The cached banded operator (far diagonals dropped) gives the DST filter's numbers."""
+    x = rng.standard_normal((T, 16)) + np.linspace(0, 3, T)[:, None] + 10.0
+    np.testing.assert_allclose(antialias(x, tr_in, tr_out), _dst_antialias(x, tr_in, tr_out), atol=1e-3)
+
+
+@pytest.mark.parametrize("T,tr_in,tr_out", [(300, 0.72, 1.0), (7, 0.5, 1.3), (40, 2.0, 1.0), (30, 1.0, 1.0)])
+def test_zscore_resample_is_zscore_then_resample(rng, T, tr_in, tr_out):
+    """Fused (resampled, then divided by the std of the original frames) = z-score, then
+    resample: the filter is linear and PCHIP commutes with a positive scale. Raw BOLD levels,
+    a constant vertex, either memory order."""
+    x = (1e4 + 100 * np.cumsum(rng.standard_normal((T, 600)), axis=0)).astype(np.float32)
+    x[:, 3] = 5.0
+    expect = resample_tr(zscore_time(x), tr_in, tr_out)
+    for data in (x, np.asfortranarray(x)):
+        got = zscore_resample(data, tr_in, tr_out)
+        assert got.shape == expect.shape == (n_frames_out(T, tr_in, tr_out), 600)
+        np.testing.assert_allclose(got, expect, atol=2e-5)
+        assert (got[:, 3] == 0).all()
 
 
 def test_normalize_frames(rng):
