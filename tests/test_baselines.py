@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from threadpoolctl import threadpool_limits
 
 from fmri_bench.baselines import (
     chance_baseline, connectome, depth0_encoder, extract_parcel_series, fc_baseline, hcp_atlas,
@@ -15,18 +14,7 @@ from fmri_bench.probe import Features, ProbeConfig
 from fmri_bench.splits import check_disjoint, subject_split
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_parcel_means():

@@ -53,11 +53,6 @@ def toy(monkeypatch):
     return mapper
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
 def series(rng, t):
     return (rng.standard_normal((t, V)) * 3 + 10).astype(np.float32)
 

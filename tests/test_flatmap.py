@@ -18,11 +18,6 @@ from fmri_bench.surfaces import FlatSurface
 
 
 @pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
-@pytest.fixture
 def tmp_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FMRI_BENCH_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"

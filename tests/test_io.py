@@ -20,11 +20,6 @@ MNI8_AFFINE = np.array([[-8.0, 0, 0, 96], [0, 8, 0, -132], [0, 0, 8, -78], [0, 0
 MNI8_SHAPE = (25, 29, 25)
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FMRI_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

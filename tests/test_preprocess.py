@@ -16,11 +16,6 @@ from fmri_bench.preprocess import (
 )
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
 class TinyMapper:
     """The FlatMapper contract on 6 vertices -> 4 pixels; records what it was given."""
 

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from fmri_bench.errors import InputError
 from fmri_bench.probe import (
@@ -16,19 +15,7 @@ from fmri_bench.splits import subject_split
 FAST = ProbeConfig(epochs=6, batch_size=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny problems: threads only add contention on shared CI cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def separable(rng, n, d=16, c=3):

@@ -13,11 +13,6 @@ from fmri_bench.scaling import (
 )
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
 def test_paper_form_recovers_constants(rng):
     # the paper's HCP constants, 12 sizes, 0.1 % multiplicative noise
     a, b = 15.0, -0.014

@@ -22,11 +22,6 @@ H, W = 6, 8
 
 
 @pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
-@pytest.fixture
 def mask(rng):
     m = rng.random((H, W)) > 0.35
     m[0, 0] = True

@@ -21,12 +21,7 @@ SMALL_MODEL = dict(img_size=[32, 64], num_frames=4, patch_size=8, t_patch_size=2
                    num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(**kw) -> TrainConfig:
