@@ -4,7 +4,8 @@ Modules, one job each (see DESIGN.md): ``surfaces`` (flat surface spaces), ``fla
 (vertices <-> flat-map pixels), ``io`` (CIFTI / GIFTI / NIfTI / events readers),
 ``preprocess`` (z-score, TR resampling), ``shards`` (WebDataset shards and clips),
 ``convert`` (files -> shards), ``synth`` (the synthetic cohort), ``models`` (MAE, tokenizer,
-fMRI-LM), ``train``, ``probe``, ``book`` and ``cli``.
+fMRI-LM), ``train``, ``probe``, ``baselines``, ``decoding`` (the state / trait benchmarks),
+``scaling`` (scaling-law sweep and fits), ``results``, ``book`` and ``cli``.
 """
 
 from fmri_bench.errors import InputError

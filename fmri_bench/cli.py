@@ -122,8 +122,61 @@ def _run_simulate(args) -> int:
     return 0
 
 
+# --- probe / baseline --------------------------------------------------------------------------
+def _add_bench_args(p) -> None:
+    # names checked by fmri_bench.decoding (InputError, exit 2): building the parser imports no torch
+    p.add_argument("--task", required=True, help="state21 | sex | age | fluid_iq | identify")
+    p.add_argument("--data", default=None,
+                   help="simulated cohort or directory of flat-map shards with participants.tsv "
+                        "(default: the smoke synthetic cohort)")
+    p.add_argument("--out", default=None, help="results JSON (a markdown table is written beside it)")
+    p.add_argument("--seeds", type=int, default=5,
+                   help="subject-disjoint re-splits / probe seeds (default 5; identify: bootstrap CI instead)")
+    p.add_argument("--representations", nargs="+", default=["cls", "avg_patch"],
+                   choices=["cls", "avg_patch", "patch"], help="MAE features to probe")
+    p.add_argument("--atlas", default=None, help="parcellation for fc / parcel_mlp (default per task)")
+    p.add_argument("--hrf-delay", type=float, default=0.0,
+                   help="state21: seconds between event onset and clip start (default 0)")
+
+
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="probe a frozen MAE checkpoint on a state / trait benchmark")
+    p.add_argument("--checkpoint", required=True, help="MAE model.pt or training checkpoint.pt")
+    _add_bench_args(p)
+    p.set_defaults(func=_run_probe, methods=("mae",))
+
+
+def _add_baseline(sub) -> None:
+    p = sub.add_parser("baseline", help="run a baseline on a state / trait benchmark")
+    p.add_argument("name", help="fc | parcel_mlp | depth0 | random_init | chance")
+    p.add_argument("--checkpoint", default=None,
+                   help="MAE whose architecture depth0 / random_init take (default mae_vit_tiny)")
+    _add_bench_args(p)
+    p.set_defaults(func=_run_probe, methods=None)
+
+
+def _run_probe(args) -> int:
+    from fmri_bench.decoding import benchmark, write_benchmark
+
+    methods = args.methods or (args.name,)
+    if args.methods is None and args.name not in ("fc", "parcel_mlp", "depth0", "random_init", "chance"):
+        raise InputError(f"unknown baseline {args.name!r}; expected fc, parcel_mlp, depth0, random_init or chance")
+    config = None
+    if args.methods is None and args.checkpoint is not None:
+        from fmri_bench.decoding import load_encoder
+
+        config = load_encoder(args.checkpoint).config
+    bench = benchmark(args.task, args.data, methods=methods, checkpoint=args.checkpoint, seeds=args.seeds,
+                      representations=args.representations, atlas=args.atlas, config=config,
+                      hrf_delay=args.hrf_delay)
+    print(bench.markdown())
+    if args.out:
+        print(f"-> {write_benchmark(bench, args.out)}")
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
-_COMMANDS = [_add_flatten, _add_book, _add_pretrain, _add_simulate]
+_COMMANDS = [_add_flatten, _add_book, _add_pretrain, _add_simulate, _add_probe, _add_baseline]
 
 
 def build_parser() -> argparse.ArgumentParser:

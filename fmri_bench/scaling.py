@@ -13,12 +13,19 @@ Two forms:
 
 Confidence intervals resample the points with replacement (seeded) and refit. R^2 is measured
 on log L, the space the fits minimise.
+
+``run_sweep`` produces the points: it pretrains (``train.train``) on disjoint subject subsets
+of a geometric series of sizes, with repeats, records the best validation loss in and out of
+distribution, and fits both laws; each point is skipped when done and resumed when interrupted.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -218,3 +225,179 @@ def plot_scaling(points: dict[str, tuple], fits: list[PowerLawFit] = (), ax=None
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, loc="upper right")
     return ax
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep: pretrain at a geometric series of data sizes
+@dataclass
+class SweepPoint:
+    """One pretraining run of the sweep: ``size`` subjects (or runs), repeat ``repeat``."""
+
+    size: int
+    repeat: int
+    items: list[str]  # the subjects (or run keys) trained on
+    n_runs: int
+    frames: int  # training frames N (TR 1 s)
+    best_val: float  # best (lowest) validation loss over the run's evaluations, same site
+    best_val_ood: float  # ... second site (out of distribution)
+    steps: int
+    seconds: float
+    run_dir: str
+    resumed: bool = False  # True when the result was read back from an earlier run
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SweepResult:
+    points: list[SweepPoint]
+    fits: dict  # "val" / "val_ood" -> {"paper": PowerLawFit | None, "offset": PowerLawFit | None}
+    unit: str
+    notes: list[str] = field(default_factory=list)
+
+    def arrays(self, which: str = "val") -> tuple[np.ndarray, np.ndarray]:
+        """(N frames, best loss) of every point, for fits and plots."""
+        key = "best_val" if which == "val" else "best_val_ood"
+        pts = [p for p in self.points if math.isfinite(getattr(p, key))]
+        return np.asarray([p.frames for p in pts], float), np.asarray([getattr(p, key) for p in pts], float)
+
+    def rows(self) -> list[dict]:
+        """One table row per point (losses are synthetic)."""
+        return [{"size": p.size, "unit": self.unit, "repeat": p.repeat, "runs": p.n_runs, "frames N": p.frames,
+                 "best val (synthetic)": round(p.best_val, 4), "best val OOD (synthetic)": round(p.best_val_ood, 4),
+                 "steps": p.steps, "seconds": round(p.seconds, 1), "resumed": p.resumed} for p in self.points]
+
+    def fit_rows(self) -> list[dict]:
+        """One row per fit, ours (synthetic) and the paper's (real data, quoted)."""
+        rows = []
+        for which, fits in self.fits.items():
+            for form, fit in fits.items():
+                if fit is None:
+                    rows.append({"data": f"ours {which} (synthetic)", "form": form, "fit": "n/a",
+                                 "exponent": None, "95% CI": "", "R2": None})
+                    continue
+                # CI of the exponent (the log-log slope): b, or -alpha for the offset form
+                lo_hi = fit.ci.get("b") if form == "paper" else (
+                    None if "alpha" not in fit.ci else (-fit.ci["alpha"][1], -fit.ci["alpha"][0]))
+                ci = "" if not lo_hi else f"[{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]"
+                rows.append({"data": f"ours {which} (synthetic)", "form": form, "fit": fit.label(),
+                             "exponent": round(fit.exponent, 4), "95% CI": ci, "R2": round(fit.r2, 3)})
+        for name, p in PAPER_FITS.items():
+            rows.append({"data": f"paper v2 {name} (real data, quoted)", "form": "paper",
+                         "fit": f"L = (N/{p['a']:g})^{p['b']}", "exponent": p["b"], "95% CI": "", "R2": None})
+        return rows
+
+    def to_dict(self) -> dict:
+        return {"unit": self.unit, "points": [p.to_dict() for p in self.points], "notes": self.notes,
+                "fits": {w: {f: (None if v is None else v.to_dict()) for f, v in d.items()}
+                         for w, d in self.fits.items()}}
+
+
+def sweep_subsets(pool: list[str], sizes, repeats: int, seed: int = 0) -> dict[tuple[int, int], list[str]]:
+    """(size, repeat) -> items. Repeats of a size are disjoint while the pool allows
+    (size x repeats <= pool), otherwise independent random draws."""
+    pool = sorted(pool)
+    out = {}
+    for n in sizes:
+        n = int(n)
+        if not 1 <= n <= len(pool):
+            raise InputError(f"sweep size {n} is outside 1..{len(pool)} (the training pool)")
+        perm = np.random.default_rng((seed, n)).permutation(len(pool))
+        for r in range(repeats):
+            if n * repeats <= len(pool):
+                idx = perm[r * n:(r + 1) * n]
+            else:
+                idx = np.random.default_rng((seed, n, r)).permutation(len(pool))[:n]
+            out[(n, r)] = sorted(pool[i] for i in idx)
+    return out
+
+
+def _write_subset(src_urls, keys: set[str], out: Path) -> int:
+    """Copy the runs ``keys`` from shards into ``out`` (once; a finished copy is reused)."""
+    from fmri_bench.shards import ShardWriter, _raw_samples, expand_urls
+
+    done = out / "keys.json"
+    if done.exists() and set(json.loads(done.read_text())) == keys:
+        return len(keys)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    with ShardWriter(out, shard_size=8) as w:
+        for raw in _raw_samples(expand_urls(src_urls)):
+            if raw["__key__"] in keys:
+                w.write_encoded({k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"})
+    done.write_text(json.dumps(sorted(keys)))
+    return len(keys)
+
+
+def _best(history: list[dict], key: str) -> float:
+    vals = [r[key] for r in history if r.get(key) is not None]
+    return float(min(vals)) if vals else math.nan
+
+
+def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subjects",
+              train_overrides: dict | None = None, seed: int = 0, n_boot: int = 200,
+              progress: bool = False) -> SweepResult:
+    """Pretrain at each size (and repeat), record the best val / val-OOD loss, fit both laws.
+
+    shards: {"train", "val", "val_ood"} shard directories (``train.pretraining_shards``); the
+    sizes count training subjects (``unit="subjects"``) or runs (``unit="runs"``, for cohorts
+    too small for four subject counts). train_overrides: TrainConfig fields (steps, batch_size,
+    model, ...). Each point lives in ``out_dir/n{size}_r{repeat}``: a finished point
+    (``result.json`` with the same subset and config) is read back, an interrupted one resumes
+    from its checkpoint. -> SweepResult; also written to ``out_dir/sweep.json``.
+    """
+    from fmri_bench.decoding import scan_runs
+    from fmri_bench.train import TrainConfig, train
+
+    if unit not in ("subjects", "runs"):
+        raise InputError(f"unit must be 'subjects' or 'runs', got {unit!r}")
+    out_dir = Path(out_dir)
+    runs = scan_runs(shards["train"])
+    pool = sorted({r.subject for r in runs}) if unit == "subjects" else [r.key for r in runs]
+    subsets = sweep_subsets(pool, sizes, repeats, seed)
+    frames_of = {r.key: r.n_frames for r in runs}
+    base = {"model": "mae_vit_tiny", "progress": False, "figures": False, **(train_overrides or {})}
+    data = {"downsample": 2, **base.pop("data", {})}
+    points = []
+    for (n, r), items in subsets.items():
+        keys = {x.key for x in runs if (x.subject if unit == "subjects" else x.key) in items}
+        point_dir = out_dir / f"n{n:04d}_r{r}"
+        cfg = TrainConfig.from_dict({**base, "seed": seed + r, "data": {
+            **data, "train_urls": [str(point_dir / "shards")], "val_urls": [shards["val"]],
+            "val_ood_urls": [shards["val_ood"]]}})
+        spec = {"items": items, "config": cfg.to_dict()}
+        result = point_dir / "result.json"
+        if result.exists() and json.loads(result.read_text()).get("spec") == spec:
+            points.append(SweepPoint(**{**json.loads(result.read_text())["point"], "resumed": True}))
+            continue
+        t0 = time.perf_counter()
+        _write_subset(shards["train"], keys, point_dir / "shards")
+        metrics = train(cfg, point_dir / "run", resume=True)
+        p = SweepPoint(n, r, items, len(keys), int(sum(frames_of[k] for k in keys)),
+                       _best(metrics["history"], "val_loss"), _best(metrics["history"], "val_ood_loss"),
+                       int(metrics["step"]), time.perf_counter() - t0, str(point_dir))
+        result.write_text(json.dumps({"spec": spec, "point": p.to_dict()}, indent=1))
+        points.append(p)
+    res = SweepResult(points, {}, unit)
+    for which in ("val", "val_ood"):
+        n, loss = res.arrays(which)
+        with np.errstate(all="ignore"):  # a flat sweep (tiny runs) gives a ~0 slope and a -> inf
+            res.fits[which] = _sweep_fits(res, which, n, loss, n_boot, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep.json").write_text(json.dumps(res.to_dict(), indent=1, default=float))
+    return res
+
+
+def _sweep_fits(res: SweepResult, which: str, n, loss, n_boot: int, seed: int) -> dict:
+    """Both laws on one set of points; the offset law needs 4 distinct sizes (else None + a note)."""
+    fits = {"paper": None, "offset": None}
+    if len(np.unique(n)) >= 2:
+        fits["paper"] = fit_paper(n, loss, n_boot=n_boot, seed=seed, name=f"{which} (synthetic)")
+    if len(np.unique(n)) >= 4:
+        fits["offset"] = fit_offset(n, loss, n_boot=n_boot, seed=seed, name=f"{which} offset (synthetic)")
+    else:
+        res.notes.append(f"{which}: the offset law needs 4 distinct sizes, have {len(np.unique(n))}")
+    return fits

@@ -1,0 +1,276 @@
+"""Decoding benchmarks: task clips from tiny shards, disjoint splits, identification, the CLI errors.
+
+The fixture writes a tiny cohort of flat-map shards (a 16 x 40 grid) with HCP-style run keys,
+events and a participants table; the MAE is a one-block model on that grid.
+"""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fmri_bench import cli, decoding
+from fmri_bench.errors import InputError
+from fmri_bench.models.mae import MAEConfig, MaskedAutoencoderViT
+from fmri_bench.probe import ProbeConfig
+from fmri_bench.shards import ShardWriter
+
+H, W = 16, 40
+FAST = ProbeConfig(epochs=3, lr_scales=(1.0, 10.0), weight_decays=(1e-3,))
+# 8 subjects in 6 families (two sibling pairs)
+FAMILIES = ["F1", "F1", "F2", "F3", "F3", "F4", "F5", "F6"]
+EVENTS = [{"onset": 0.0, "duration": 8.0, "trial_type": "lf"},
+          {"onset": 8.0, "duration": 3.0, "trial_type": "cue"},  # not a class: dropped
+          {"onset": 10.0, "duration": 8.0, "trial_type": "rh"},
+          {"onset": 20.0, "duration": 8.0, "trial_type": "t"},
+          {"onset": 30.0, "duration": 8.0, "trial_type": "lf"}]  # its clip leaves the run: dropped
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_cohort(root, n_subjects=8, sessions=("REST1", "REST2"), task=True, events=EVENTS, families=None):
+    """Tiny shards + participants.tsv -> the directory. Rest runs 32 frames, MOTOR runs 40."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros((H, W), bool)
+    mask[2:14, 2:38] = True  # brain pixels; the corner patches hold none
+    P = int(mask.sum())
+    subjects = [f"{100 + i}" for i in range(n_subjects)]
+    with ShardWriter(root / "shards", shard_size=5) as w:
+        for s in subjects:
+            for ses in sessions:
+                w.write(f"sub-{s}_rfMRI_{ses}_LR", rng.normal(size=(32, P)).astype(np.float16), mask,
+                        {"subject": s, "tr": 1.0}, [])
+            if task:
+                w.write(f"sub-{s}_tfMRI_MOTOR_LR", rng.normal(size=(40, P)).astype(np.float16), mask,
+                        {"subject": s, "tr": 1.0}, events)
+    fam = families or FAMILIES
+    pd.DataFrame({"subject": subjects, "sex": ["F", "M"] * (n_subjects // 2) + ["F"] * (n_subjects % 2),
+                  "age": np.linspace(22, 36, n_subjects), "fluid_iq": np.linspace(-1, 1, n_subjects),
+                  "family_id": fam[:n_subjects], "site": "A"}).to_csv(root / "participants.tsv", sep="\t", index=False)
+    return root
+
+
+def tiny_mae(path):
+    torch.manual_seed(0)
+    cfg = MAEConfig(img_size=(H, W), patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    MaskedAutoencoderViT(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return write_cohort(tmp_path_factory.mktemp("cohort"))
+
+
+@pytest.fixture(scope="module")
+def data(cohort):
+    return decoding.load_dataset(cohort)
+
+
+# --- runs and clips ---------------------------------------------------------------------------
+def test_run_identity_hcp_and_bids():
+    assert decoding.run_identity("sub-7_rfMRI_REST2_LR", {}) == ("7", "rest", "REST2", None)
+    assert decoding.run_identity("x", {"subject": "9", "run": "tfMRI_WM_RL"}) == ("9", "task", "WM", "WM")
+    assert decoding.run_identity("sub-3_task-motor_run-1", {"entities": {"sub": "3", "task": "motor"}}) \
+        == ("3", "task", "MOTOR", "MOTOR")
+
+
+def test_scan_and_task_clips(data):
+    assert len(data.runs) == 8 * 3 and data.participants is not None and not data.synthetic
+    state = decoding.task_clips("state21", data)
+    # 3 of 5 events per run are a class with a full 16-frame clip; labels follow the class index
+    assert len(state) == 8 * 3
+    assert state.class_names == ["MOTOR_lf", "MOTOR_rh", "MOTOR_t"] and state.class_ids == [4, 7, 8]
+    assert np.bincount(state.labels).tolist() == [8, 8, 8]
+    assert sorted(set(state.starts.tolist())) == [0, 10, 20]
+    sex = decoding.task_clips("sex", data)
+    # rest: 2 sessions x 2 clips of 16 frames; task: 2 clips of 40 frames
+    assert (sex.states == "rest").sum() == 8 * 4 and (sex.states == "task").sum() == 8 * 2
+    assert set(sex.values.tolist()) == {0.0, 1.0}
+    ident = decoding.task_clips("identify", data)
+    assert len(ident) == 8 * 4 and set(ident.sessions) == {"REST1", "REST2"}
+
+
+def test_splits_never_share_subject_or_family(data):
+    clips = decoding.task_clips("state21", data)
+    splits = decoding.splits_for(clips, 6, seed=3)
+    assert len(splits) == 6
+    for s in splits:
+        parts = [s.train, s.val, s.test]
+        assert all(len(p) for p in parts)
+        for a in range(3):
+            for b in range(a + 1, 3):
+                assert not set(clips.subjects[parts[a]]) & set(clips.subjects[parts[b]])
+                assert not set(clips.families[parts[a]]) & set(clips.families[parts[b]])
+    # siblings (family F1: subjects 100, 101) always land in the same part
+    sib = np.isin(clips.subjects, ["100", "101"])
+    for s in splits:
+        where = {name for name, p in zip("tvs", [s.train, s.val, s.test]) if np.isin(np.flatnonzero(sib), p).any()}
+        assert len(where) == 1
+
+
+# --- unsupported data -------------------------------------------------------------------------
+def test_no_task_runs_is_an_input_error(tmp_path):
+    data = decoding.load_dataset(write_cohort(tmp_path, task=False))
+    with pytest.raises(InputError, match="task runs"):
+        decoding.task_clips("state21", data)
+    with pytest.raises(InputError, match="rest and task runs"):
+        decoding.task_clips("sex", data)
+
+
+def test_one_class_is_an_input_error(tmp_path):
+    data = decoding.load_dataset(write_cohort(tmp_path, events=[{"onset": 0.0, "duration": 8, "trial_type": "lf"}]))
+    with pytest.raises(InputError, match="at least 2 task-state classes"):
+        decoding.task_clips("state21", data)
+
+
+def test_one_session_cannot_identify(tmp_path):
+    data = decoding.load_dataset(write_cohort(tmp_path, sessions=("REST1",)))
+    with pytest.raises(InputError, match="two rest sessions"):
+        decoding.task_clips("identify", data)
+
+
+def test_too_few_families(tmp_path):
+    data = decoding.load_dataset(write_cohort(tmp_path, n_subjects=4, families=["A", "A", "B", "B"]))
+    with pytest.raises(InputError, match="too few families"):
+        decoding.splits_for(decoding.task_clips("state21", data), 2)
+
+
+# --- benchmarks -------------------------------------------------------------------------------
+def test_identify_accuracy_exact():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(5, 30))
+    x = np.concatenate([base, base + 0.01 * rng.normal(size=base.shape)])
+    subjects = np.tile(np.arange(5).astype(str), 2)
+    sessions = np.repeat(["REST1", "REST2"], 5)
+    acc, hits = decoding._identify_accuracy(x, subjects, sessions)
+    assert acc == 1.0 and hits.shape == (5, 2)
+    shuffled = np.concatenate([base, base[[1, 2, 3, 4, 0]]])
+    assert decoding._identify_accuracy(shuffled, subjects, sessions)[0] == 0.0
+
+
+def data_labels(bench):
+    return bench.clips.labels
+
+
+def test_state21_benchmark_on_shared_splits(data, tmp_path):
+    ckpt = tiny_mae(tmp_path / "m.pt")
+    bench = decoding.benchmark("state21", data, methods=("mae", "depth0", "chance"), checkpoint=ckpt, seeds=2,
+                               probe_cfg=FAST)
+    methods = [r.method for r in bench.records]
+    assert methods == ["mae cls", "mae avg_patch", "depth0 cls", "depth0 avg_patch", "chance"]
+    assert all(r.n == 2 and r.source == "real" and r.ceiling is None for r in bench.records)
+    # on each split every method is tested on the same clips
+    for i, split in enumerate(bench.details["splits"]):
+        for name in ("mae cls", "mae avg_patch", "depth0 cls", "depth0 avg_patch"):
+            assert np.array_equal(bench.details[name][i].test_true, data_labels(bench)[split.test])
+    assert bench.details["mae cls"][0].n_classes == 3
+    chance = bench.records[-1]
+    assert 0 <= chance.mean <= 1 and np.isclose(chance.mean, chance.chance)
+    path = decoding.write_benchmark(bench, tmp_path / "r.json")
+    assert len(json.loads(path.read_text())) == 5 and "| state21 | chance |" in path.with_suffix(".md").read_text()
+
+
+def test_traits_and_identify_benchmark(data, tmp_path):
+    ckpt = tiny_mae(tmp_path / "m.pt")
+    sex = decoding.benchmark("sex", data, methods=("mae", "chance"), checkpoint=ckpt, seeds=2, n_Cs=2,
+                             representations=("avg_patch",), keep_features=True)
+    assert [r.task for r in sex.records] == ["sex rest->task", "sex task->rest"] * 2
+    assert all(r.chance == 0.5 for r in sex.records)
+    age = decoding.benchmark("age", data, methods=("mae",), checkpoint=ckpt, seeds=2, n_Cs=2,
+                             representations=("avg_patch",), features=sex.features)
+    assert all(r.chance == 0.25 for r in age.records)
+    ident = decoding.benchmark("identify", data, methods=("mae", "chance"), checkpoint=ckpt)
+    assert ident.records[-1].mean == pytest.approx(1 / 8) and ident.records[0].n == 8
+
+
+def test_compare_sentence_says_when_a_baseline_wins():
+    from fmri_bench.results import summarize
+
+    recs = [summarize("state21", "mae cls", [0.4, 0.5]), summarize("state21", "fc", [0.7, 0.8])]
+    assert decoding.compare_sentence(recs, "state21").startswith("A baseline beats the MAE: fc 75.0 % against")
+    recs[1] = summarize("state21", "fc", [0.1, 0.2])
+    assert decoding.compare_sentence(recs, "state21").startswith("The MAE is above every baseline: mae cls 45.0 %")
+
+
+# --- CLI --------------------------------------------------------------------------------------
+def test_cli_probe_writes_results(cohort, tmp_path, capsys):
+    ckpt = tiny_mae(tmp_path / "m.pt")
+    rc = cli.main(["probe", "--checkpoint", str(ckpt), "--task", "identify", "--data", str(cohort),
+                   "--out", str(tmp_path / "res.json")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "res.json").read_text())
+    assert [r["method"] for r in rows] == ["mae cls", "mae avg_patch"]
+    assert "| identify | mae cls |" in capsys.readouterr().out
+
+
+def test_cli_baseline_chance(cohort, capsys):
+    assert cli.main(["baseline", "chance", "--task", "state21", "--data", str(cohort), "--seeds", "2"]) == 0
+    assert "| state21 | chance |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["text", "torch_dict"])
+def test_cli_rejects_non_mae_checkpoint(cohort, tmp_path, capsys, case):
+    bad = tmp_path / "bad.pt"
+    if case == "text":
+        bad.write_text("not a model")
+    else:
+        torch.save({"weights": torch.zeros(3)}, bad)
+    assert cli.main(["probe", "--checkpoint", str(bad), "--task", "state21", "--data", str(cohort)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.pt" in err and ("not an fmri_bench MAE checkpoint" in err or "cannot read" in err)
+
+
+def test_cli_unsupported_task_and_too_few_subjects(tmp_path, capsys):
+    ckpt = tiny_mae(tmp_path / "m.pt")
+    rest_only = write_cohort(tmp_path / "rest", task=False)
+    assert cli.main(["probe", "--checkpoint", str(ckpt), "--task", "state21", "--data", str(rest_only)]) == 2
+    assert "state21 needs task runs" in capsys.readouterr().err
+    small = write_cohort(tmp_path / "small", n_subjects=4, families=["A", "A", "B", "B"])
+    assert cli.main(["baseline", "chance", "--task", "state21", "--data", str(small)]) == 2
+    assert "too few families" in capsys.readouterr().err
+
+
+def test_token_evidence_sums_to_the_logit():
+    """avg_patch is the token mean, so the token terms add up to the head's logit (less bias and
+    offset), relative to the mean over classes."""
+    rng = np.random.default_rng(0)
+    patch = rng.normal(size=(6, 4, 8)).astype(np.float32)
+    patch[:, 3] = 0  # a non-brain token
+    avg = patch[:, :3].mean(1)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    res = decoding.train_probe(avg, y, avg, y, avg, y, head="linear", n_classes=3, cfg=FAST)
+    ev = decoding.token_evidence(res, patch[:3], y[:3], (2, 2))  # one clip per class
+    head = res.heads.heads[res.best_index].linear
+    with torch.no_grad():
+        logits = res.heads.forward_head(torch.from_numpy(avg[:3]), res.best_index).numpy()
+    w = head.weight.detach().numpy() / res.heads.std.numpy()
+    offset = head.bias.detach().numpy() - w @ res.heads.mean.numpy()
+    rel = logits - offset  # token part of each logit; the maps show it relative to the class mean
+    for c in range(3):
+        assert ev[c].sum() == pytest.approx(rel[c, c] - rel[c].mean(), rel=1e-4, abs=1e-5)
+    assert np.all(ev[:, 1, 1] == 0)  # the non-brain token carries no evidence
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["baseline", "foo", "--task", "state21"], "unknown baseline 'foo'"),
+    (["baseline", "chance", "--task", "nope"], "unknown task 'nope'"),
+])
+def test_cli_unknown_names_exit_2(cohort, capsys, argv, message):
+    assert cli.main([*argv, "--data", str(cohort)]) == 2
+    assert message in capsys.readouterr().err

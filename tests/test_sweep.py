@@ -1,0 +1,68 @@
+"""The scaling sweep: subsets of a geometric series of sizes, resume skips finished points."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fmri_bench import scaling
+from fmri_bench.errors import InputError
+from fmri_bench.shards import ShardWriter
+
+TINY = {"img_size": [16, 40], "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2,
+        "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
+
+
+def write_shards(out, subjects, frames=32):
+    rng = np.random.default_rng(len(subjects))
+    mask = np.zeros((16, 40), bool)
+    mask[2:14, 2:38] = True
+    with ShardWriter(out, shard_size=4) as w:
+        for s in subjects:
+            for ses in ("REST1", "REST2"):
+                w.write(f"sub-{s}_rfMRI_{ses}_LR", rng.normal(size=(frames, int(mask.sum()))).astype(np.float16),
+                        mask, {"subject": s, "tr": 1.0}, [])
+    return str(out)
+
+
+def test_sweep_subsets_are_disjoint_when_the_pool_allows():
+    pool = [f"s{i}" for i in range(8)]
+    sub = scaling.sweep_subsets(pool, [1, 2, 4], repeats=2, seed=0)
+    assert sorted(sub) == [(1, 0), (1, 1), (2, 0), (2, 1), (4, 0), (4, 1)]
+    for n in (1, 2, 4):
+        assert len(sub[(n, 0)]) == n and not set(sub[(n, 0)]) & set(sub[(n, 1)])
+    with pytest.raises(InputError, match="outside 1..8"):
+        scaling.sweep_subsets(pool, [9], 1)
+
+
+def test_sweep_runs_fits_and_resumes(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    shards = {"train": write_shards(tmp_path / "train", ["1", "2", "3", "4"]),
+              "val": write_shards(tmp_path / "val", ["5"]), "val_ood": write_shards(tmp_path / "ood", ["6"])}
+    overrides = dict(model_overrides=TINY, steps=2, batch_size=2, warmup_steps=1, eval_every=1, log_every=1,
+                     data=dict(downsample=1, val_batches=1))
+    res = scaling.run_sweep([1, 2], shards, tmp_path / "sweep", unit="subjects", train_overrides=overrides,
+                            n_boot=20)
+    assert [(p.size, p.n_runs, p.frames) for p in res.points] == [(1, 2, 64), (2, 4, 128)]
+    assert all(np.isfinite(p.best_val) and np.isfinite(p.best_val_ood) and not p.resumed for p in res.points)
+    assert res.fits["val"]["paper"].n_points == 2 and res.fits["val"]["offset"] is None
+    assert any("4 distinct sizes" in n for n in res.notes)
+    saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len(saved["points"]) == 2
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished point was trained again")
+
+    monkeypatch.setattr("fmri_bench.train.train", no_training)
+    again = scaling.run_sweep([1, 2], shards, tmp_path / "sweep", unit="subjects", train_overrides=overrides,
+                              n_boot=20)
+    assert all(p.resumed for p in again.points)
+    assert [p.best_val for p in again.points] == [p.best_val for p in res.points]
+    # a new size trains only itself
+    monkeypatch.undo()
+    more = scaling.run_sweep([1, 2, 4], shards, tmp_path / "sweep", unit="subjects", train_overrides=overrides,
+                             n_boot=20)
+    assert [p.resumed for p in more.points] == [True, True, False]
