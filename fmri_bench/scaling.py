@@ -157,28 +157,25 @@ def _bootstrap(fit_fn, n, loss, n_boot: int, seed: int, min_points: int, level: 
     return {k: tuple(float(x) for x in np.quantile(v, q)) for k, v in draws.items()}
 
 
+def _fit(kind: str, params_fn, min_points: int, n, loss, n_boot, seed, level, name) -> PowerLawFit:
+    n, loss = _points(n, loss, min_points)
+    fit = PowerLawFit(kind, params_fn(n, loss), n_points=len(n), name=name)
+    fit.r2 = _r2(np.log(loss), np.log(fit.predict(n)))
+    if n_boot:
+        fit.ci = _bootstrap(params_fn, n, loss, n_boot, seed, min_points, level)
+    return fit
+
+
 def fit_paper(n, loss, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
               name: str = "") -> PowerLawFit:
     """Fit L = (N/a)^b by least squares on log L vs log N. n, loss: (P,) -> PowerLawFit."""
-    n, loss = _points(n, loss, 2)
-    params = _paper_params(n, loss)
-    fit = PowerLawFit("paper", params, n_points=len(n), name=name)
-    fit.r2 = _r2(np.log(loss), np.log(fit.predict(n)))
-    if n_boot:
-        fit.ci = _bootstrap(_paper_params, n, loss, n_boot, seed, 2, level)
-    return fit
+    return _fit("paper", _paper_params, 2, n, loss, n_boot, seed, level, name)
 
 
 def fit_offset(n, loss, n_boot: int = 200, seed: int = 0, level: float = 0.95,
                name: str = "") -> PowerLawFit:
     """Fit L = L_inf + (N/N_c)^-alpha on log L, bounds 0 <= L_inf < min L, 1e-4 <= alpha <= 5."""
-    n, loss = _points(n, loss, 4)
-    params = _offset_params(n, loss)
-    fit = PowerLawFit("offset", params, n_points=len(n), name=name)
-    fit.r2 = _r2(np.log(loss), np.log(fit.predict(n)))
-    if n_boot:
-        fit.ci = _bootstrap(_offset_params, n, loss, n_boot, seed, 4, level)
-    return fit
+    return _fit("offset", _offset_params, 4, n, loss, n_boot, seed, level, name)
 
 
 def plot_scaling(points: dict[str, tuple], fits: list[PowerLawFit] = (), ax=None,
