@@ -45,7 +45,7 @@ import torch
 
 from fmri_bench.errors import InputError
 from fmri_bench.probe import Features, ProbeConfig, ProbeResult, train_probe, trait_logistic
-from fmri_bench.results import Record, mean_ci, summarize
+from fmri_bench.results import Record, summarize
 from fmri_bench.splits import check_disjoint, resplits
 
 TASKS = ("state21", "sex", "age", "fluid_iq", "identify")

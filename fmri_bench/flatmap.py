@@ -28,9 +28,7 @@ import functools
 import hashlib
 import json
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -41,7 +39,7 @@ except ImportError:  # pragma: no cover - private module moved: fall back to the
     _csr_matvec = None
 
 from fmri_bench.errors import InputError
-from fmri_bench.paths import cache_dir
+from fmri_bench.paths import atomic_save, cache_dir
 from fmri_bench.surfaces import FlatSurface, canonical_space, load_surface
 
 # Bump when the rasterisation changes: it is part of the cache key.
@@ -162,18 +160,6 @@ def _surface_hash(surf: FlatSurface) -> str:
     return h.hexdigest()
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as fp:
-            np.savez(fp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 @functools.lru_cache(maxsize=1)
 def _pool(n: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="flatmap")
@@ -259,7 +245,7 @@ class FlatMapper:
         if arrays is None:
             arrays = self._build()
             if cache:
-                _atomic_savez(self.cache_path, **arrays)
+                atomic_save(lambda tmp: np.savez(tmp, **arrays), self.cache_path)
         self._set_operator(arrays)
 
     # -- construction -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from fmri_bench.errors import InputError
+from fmri_bench.paths import atomic_save
 
 FSLR_N_MESH = 32492  # vertices per hemisphere of the fs_LR 32k mesh
 FSLR_N_CORTEX = 59412  # CIFTI cortex grayordinates (29696 left + 29716 right)
@@ -60,20 +61,6 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _atomic_save(save, path: str | os.PathLike) -> Path:
-    """Call ``save(tmp_path)`` then rename onto ``path``; the temp file keeps the extension."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,7 +152,7 @@ def save_cifti_matrix(path, data, matrix, intent: str) -> Path:
     header.set_data_shape(block.shape)
     header.set_data_dtype(np.float32)
     img = nib.Nifti2Image(block, None, header)
-    return _atomic_save(img.to_filename, path)
+    return atomic_save(img.to_filename, path)
 
 
 def write_gifti(path, data, tr: float | None = None) -> Path:
@@ -185,7 +172,7 @@ def write_gifti(path, data, tr: float | None = None) -> Path:
         for frame in data
     ]
     img = nib.gifti.GiftiImage(darrays=darrays, meta=nib.gifti.GiftiMetaData(meta))
-    return _atomic_save(lambda p: nib.save(img, p), path)
+    return atomic_save(lambda p: nib.save(img, p), path)
 
 
 # ----------------------------------------------------------------------------- loading guards
@@ -537,7 +524,7 @@ def volume_operator(affine, shape, sampling: VolumeSampling = VolumeSampling(), 
         voxels = np.flatnonzero(np.diff(full.tocsc().indptr))
         op = full[:, voxels].astype(np.float32).tocsr()
         if cache:
-            _atomic_save(
+            atomic_save(
                 lambda p: np.savez(p, data=op.data, indices=op.indices, indptr=op.indptr,
                                    shape=np.array(op.shape), voxels=voxels, covered=covered),
                 path,

@@ -6,11 +6,14 @@
 - ``data_dir()``: generated datasets (the synthetic cohort, shards). ``$FMRI_BENCH_DATA`` if
   set, else ``cache_dir() / "data"``.
 - ``package_data(name)``: small committed assets shipped inside the package.
+- ``atomic_save(save, path)``: every file the package writes goes through it (temporary file in
+  the same directory, then rename), so a crash never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -46,4 +49,23 @@ def package_data(name: str) -> Path:
     path = PACKAGE_DIR / "data" / name
     if not path.exists():
         raise FileNotFoundError(f"{path}: packaged asset missing (reinstall fmri_bench)")
+    return path
+
+
+def atomic_save(save, path: str | os.PathLike) -> Path:
+    """Call ``save(tmp)`` then rename ``tmp`` onto ``path`` -> ``path``.
+
+    ``tmp`` is in the same directory (so the rename is atomic), keeps the file's name and
+    extension (writers that pick a format by extension still work) and is unique per process
+    and thread; it is removed if ``save`` fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path

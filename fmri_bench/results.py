@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from fmri_bench.paths import atomic_save
+
 SOURCES = ("synthetic", "real", "paper")
 
 
@@ -87,12 +89,8 @@ def paper_records_task21() -> list[Record]:
 
 
 def write_results(records: list[Record], path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps([_clean(asdict(r)) for r in records], indent=1))
-    tmp.replace(path)
-    return path
+    text = json.dumps([_clean(asdict(r)) for r in records], indent=1)
+    return atomic_save(lambda tmp: tmp.write_text(text), path)
 
 
 def read_results(path) -> list[Record]:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from fmri_bench.errors import InputError
-from fmri_bench.paths import cache_dir
+from fmri_bench.paths import atomic_save, cache_dir
 
 SPACES = ("fs_LR_32k", "fsaverage5")
 
@@ -260,10 +260,11 @@ def import_cortex():
     if not options.exists() and filestore is not None:
         cfg = configparser.ConfigParser()
         cfg["basic"] = {"filestore": filestore}
-        tmp = options.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w") as fp:
-            cfg.write(fp)
-        os.replace(tmp, options)
+        def write(tmp):
+            with open(tmp, "w") as fp:
+                cfg.write(fp)
+
+        atomic_save(write, options)
     saved = os.environ.get("XDG_CONFIG_HOME")
     os.environ["XDG_CONFIG_HOME"] = str(cfg_home)
     try:

@@ -41,6 +41,7 @@ from fmri_bench.models.mae import (
     check_keys,
     save_checkpoint,
 )
+from fmri_bench.paths import atomic_save
 
 # keys that change how a run is observed, not what it computes: they may differ on --resume
 OPERATIONAL_KEYS = ("log_every", "eval_every", "ckpt_every", "progress", "figures", "compile", "num_threads")
@@ -393,9 +394,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> Path | No
     if ckpt.exists() and not resume:
         raise InputError("run directory already holds a checkpoint: pass --resume to continue it, "
                          "or use a new --run-dir", run_dir)
-    tmp = cfg_path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(new, sort_keys=False))
-    os.replace(tmp, cfg_path)
+    atomic_save(lambda tmp: tmp.write_text(yaml.safe_dump(new, sort_keys=False)), cfg_path)
     return ckpt if (resume and ckpt.exists()) else None
 
 
@@ -640,9 +639,8 @@ def pretraining_shards(cohort_dir: str | os.PathLike, out: str | os.PathLike | N
     -> {"train": dir, "val": dir, "val_ood": dir}, ready for ``data.train_urls`` etc.
     """
     from fmri_bench.convert import flatten
-    from fmri_bench.synth import load_ground_truth
-
     from fmri_bench.paths import data_dir
+    from fmri_bench.synth import load_ground_truth
 
     cohort_dir = Path(cohort_dir)
     out = Path(out) if out is not None else data_dir() / "pretrain_shards" / cohort_dir.name

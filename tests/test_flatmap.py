@@ -125,7 +125,7 @@ def test_cache_hit_and_key(tmp_cache):
     assert c.cache_key != a.cache_key and not c.cache_hit
     moved = FlatSurface(**{**surf.__dict__, "coords": surf.coords + [0.0, 0.1]})
     assert FlatMapper(moved, bbox=(-14.0, 14.0, -6.0, 6.0), pixel_size=1.0).cache_key != a.cache_key
-    assert not list((tmp_cache / "flatmap").glob("*.tmp"))  # atomic writes leave no temp files
+    assert not list((tmp_cache / "flatmap").glob(".tmp-*"))  # atomic writes leave no temp files
     nocache = FlatMapper(surf, bbox=(-14.0, 14.0, -6.0, 6.0), pixel_size=0.25, cache=False)
     assert not nocache.cache_path.exists()
 

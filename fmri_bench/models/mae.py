@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fmri_bench.errors import InputError
+from fmri_bench.paths import atomic_save
 
 CHECKPOINT_FORMAT = "fmri_bench.mae/1"
 
@@ -480,10 +481,7 @@ class MaskedAutoencoderViT(nn.Module):
 
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
     """torch.save to ``path`` atomically (temporary file in the same directory, then rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_save(lambda tmp: torch.save(obj, tmp), path)
 
 
 def from_pretrained(path: str | os.PathLike, map_location="cpu") -> MaskedAutoencoderViT:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from fmri_bench.paths import atomic_save
+
 N_CORTEX = 59412
 
 
@@ -49,10 +51,7 @@ def _fslr_assets() -> dict:
         p = getattr(hcp, name)
         assets[f"{name}_map"] = np.asarray(p.map_all[:N_CORTEX], np.int64)
         assets[f"{name}_labels"] = np.array(json.dumps({int(k): str(v) for k, v in p.labels.items()}))
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **assets)
-    tmp.replace(path)
+    atomic_save(lambda tmp: np.savez(tmp, **assets), path)
     return assets
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from fmri_bench.errors import InputError
+from fmri_bench.paths import atomic_save
 from fmri_bench.synth.cohort import effect_name, standardized_traits
 from fmri_bench.synth.generate import GENERATOR_VERSION, RunSpec, Synthesizer
 from fmri_bench.synth.noise import SITES
@@ -73,15 +74,16 @@ def write_evs(run_dir: Path, spec: RunSpec) -> None:
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez_compressed, but with fixed zip timestamps (byte-identical for equal arrays)."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, arr in arrays.items():
-            buf = _io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, buf.getvalue())
-    os.replace(tmp, path)
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, arr in arrays.items():
+                buf = _io.BytesIO()
+                np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                zf.writestr(info, buf.getvalue())
+
+    atomic_save(write, path)
 
 
 def run_stats(data: np.ndarray) -> dict:
