@@ -16,10 +16,14 @@ the vertices: it gives the same numbers wherever that triangle is the mesh trian
 the fs_LR 32k pixels: the flattened mesh is not Delaunay everywhere) and uses triangles that
 are not in the mesh elsewhere; here the mesh's own triangles are used everywhere.
 
-Speed: frames stay row-major (T, V) -> (T, n_pixels); each frame is one CSR mat-vec (scipy's
-kernel releases the GIL) and frames are split over a few threads. Transposing the batch to
-(V, T) for one sparse mat-mat product costs more in the two transposes than it saves, and
-torch's sparse kernels are slower here (benchmarks/bench_flatmap.py).
+Speed: frames stay row-major (T, V) -> (T, n_pixels). The kernel (numba, compiled on first use
+in ~0.5 s, nothing written to disk) takes four frames per pass over the operator, so the
+operator's (n_pixels, 3) vertex indices and weights are read once for four output rows, and it
+writes each output value once (no zero-fill, no read-back); frames are split over a few threads
+(the kernel releases the GIL). Results equal scipy's CSR mat-vec bit for bit (same summation
+order, no fast-math); without numba, scipy's kernel is used. Transposing the batch to (V, T) for
+one sparse mat-mat product costs more in the two transposes than it saves
+(benchmarks/bench_flatmap.py).
 """
 
 from __future__ import annotations
@@ -169,6 +173,42 @@ def _pool(n: int) -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
+@functools.lru_cache(maxsize=1)
+def _raster_kernel():
+    """The compiled rasteriser ``kernel(x, verts, weights, out, start, stop)``, or None when
+    numba is missing (then scipy's CSR mat-vec is used). Compiled lazily: importing
+    fmri_bench.flatmap stays cheap, and a forked worker inherits the compiled code."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency; this is the safety net
+        return None
+
+    @numba.njit(nogil=True, boundscheck=False, cache=False)
+    def kernel(x, verts, w, out, start, stop):
+        # out[t, p] = w[p, 0] x[t, v[p, 0]] + w[p, 1] x[t, v[p, 1]] + w[p, 2] x[t, v[p, 2]],
+        # summed left to right like scipy's CSR kernel; four frames per pass over (verts, w)
+        n = verts.shape[0]
+        t = start
+        while t + 4 <= stop:
+            x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+            o0, o1, o2, o3 = out[t], out[t + 1], out[t + 2], out[t + 3]
+            for p in range(n):
+                a, b, c = verts[p, 0], verts[p, 1], verts[p, 2]
+                wa, wb, wc = w[p, 0], w[p, 1], w[p, 2]
+                o0[p] = wa * x0[a] + wb * x0[b] + wc * x0[c]
+                o1[p] = wa * x1[a] + wb * x1[b] + wc * x1[c]
+                o2[p] = wa * x2[a] + wb * x2[b] + wc * x2[c]
+                o3[p] = wa * x3[a] + wb * x3[b] + wc * x3[c]
+            t += 4
+        while t < stop:
+            xt, ot = x[t], out[t]
+            for p in range(n):
+                ot[p] = w[p, 0] * xt[verts[p, 0]] + w[p, 1] * xt[verts[p, 1]] + w[p, 2] * xt[verts[p, 2]]
+            t += 1
+
+    return kernel
+
+
 class FlatMapper:
     """Sparse barycentric rasteriser between the cortex vertices of a space and a pixel grid.
 
@@ -183,7 +223,8 @@ class FlatMapper:
     Attributes: surface (FlatSurface), space, shape (H, W), pixel_size, bbox, max_edge_mm,
     mask (H, W) bool, n_pixels, n_vertices, operator (n_pixels, V) float32 CSR with 3 non-zeros
     per row, pixel_index (n_pixels,) row-major index of the mask pixels, cache_key, cache_path,
-    cache_hit (whether the operator came from disk), n_faces_kept.
+    cache_hit (whether the operator came from disk), n_faces_kept, use_kernel (True: the
+    compiled rasteriser; False: scipy's CSR mat-vec, bit-identical and slower).
     """
 
     def __init__(
@@ -221,6 +262,7 @@ class FlatMapper:
         if min(self.shape) < 1 or self.pixel_size <= 0:
             raise InputError(f"FlatMapper: bad grid shape {self.shape} / pixel size {self.pixel_size}")
         self.threads = max(1, threads if threads is not None else min(4, os.cpu_count() or 1))
+        self.use_kernel = True  # False: scipy's CSR mat-vec (the same numbers, slower)
 
         key = {
             "version": OPERATOR_VERSION,
@@ -268,8 +310,10 @@ class FlatMapper:
         self.mask = np.zeros(self.shape[0] * self.shape[1], dtype=bool)
         self.mask[self.pixel_index] = True
         self.mask = self.mask.reshape(self.shape)
+        self._verts = np.ascontiguousarray(verts, dtype=np.int32).reshape(P, 3)
+        self._weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(P, 3)
         self.operator = sp.csr_matrix(
-            (weights.ravel(), verts.ravel().astype(np.int32), np.arange(0, 3 * P + 1, 3, dtype=np.int32)),
+            (self._weights.ravel(), self._verts.ravel(), np.arange(0, 3 * P + 1, 3, dtype=np.int32)),
             shape=(P, V),
         )
 
@@ -293,56 +337,55 @@ class FlatMapper:
     def to_pixels(self, x, out: np.ndarray | None = None, dtype=np.float32) -> np.ndarray:
         """x: (T, V) | (V,) vertex values -> (T, n_pixels) ``dtype``, mask pixels in row-major order.
 
-        A 1-D x is one frame (T = 1). ``out`` (T, n_pixels), C-contiguous, may be given to reuse a
-        buffer (its dtype wins). A float16 output is filled through a small float32 scratch
-        buffer per thread, so no full-size float32 temporary is made.
+        A 1-D x is one frame (T = 1); values are taken as float32 (the operator's precision).
+        ``out`` (T, n_pixels), C-contiguous, may be given to reuse a buffer (its dtype wins). An
+        output other than float32 is filled through a small float32 scratch block per thread, so
+        no full-size float32 temporary is made.
         """
         x = self._as_frames(x, self.n_vertices, "to_pixels")
+        x = np.ascontiguousarray(x, dtype=np.float32)
         T = len(x)
-        zeroed = out is None
         if out is None:
-            # calloc: the kernel zero-fills fresh pages anyway, so no separate zeroing pass
-            out = np.zeros((T, self.n_pixels), dtype=dtype)
+            out = np.empty((T, self.n_pixels), dtype=dtype)
         elif out.shape != (T, self.n_pixels) or not out.flags.c_contiguous:
             raise InputError(f"to_pixels: out must be C-contiguous with shape {(T, self.n_pixels)}")
         n_threads = min(self.threads, max(1, T // _MIN_FRAMES_PER_THREAD))
         if n_threads == 1:
-            self._matvec_frames(x, out, 0, T, zeroed)
+            self._rasterize_frames(x, out, 0, T)
         else:
             bounds = np.linspace(0, T, n_threads + 1).astype(int)
             jobs = [
-                _pool(self.threads).submit(self._matvec_frames, x, out, a, b, zeroed)
+                _pool(self.threads).submit(self._rasterize_frames, x, out, int(a), int(b))
                 for a, b in zip(bounds[:-1], bounds[1:])
             ]
             for job in jobs:
                 job.result()
         return out
 
-    def _matvec_frames(self, x: np.ndarray, out: np.ndarray, start: int, stop: int, zeroed: bool) -> None:
-        """out[t] = operator @ x[t] for t in [start, stop); ``zeroed``: out is already zero."""
+    def _rasterize_frames(self, x: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+        """out[t] = operator @ x[t] for t in [start, stop); x float32 C-contiguous."""
         if out.dtype == np.float32:
-            if not zeroed:
-                out[start:stop] = 0.0  # the kernel accumulates
-            for t in range(start, stop):
-                self._matvec(x[t], out[t])
+            self._rasterize_f32(x, out, start, stop)
             return
         buf = np.empty((_SCRATCH_FRAMES, self.n_pixels), dtype=np.float32)
         for c0 in range(start, stop, _SCRATCH_FRAMES):
             c1 = min(c0 + _SCRATCH_FRAMES, stop)
-            buf[: c1 - c0] = 0.0
-            for t in range(c0, c1):
-                self._matvec(x[t], buf[t - c0])
+            self._rasterize_f32(x[c0:c1], buf, 0, c1 - c0)
             out[c0:c1] = buf[: c1 - c0]
 
-    def _matvec(self, xt: np.ndarray, yt: np.ndarray) -> None:
-        """yt += operator @ xt; scipy's kernel runs without the GIL, so threads overlap."""
-        if xt.dtype != np.float32 or not xt.flags.c_contiguous:
-            xt = np.ascontiguousarray(xt, dtype=np.float32)
-        A = self.operator
-        if _csr_matvec is None:
-            yt += A @ xt
-        else:
-            _csr_matvec(A.shape[0], A.shape[1], A.indptr, A.indices, A.data, xt, yt)
+    def _rasterize_f32(self, x: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+        """float32 frames [start, stop) of x into the same rows of float32 ``out``."""
+        kernel = _raster_kernel() if self.use_kernel else None
+        if kernel is not None:
+            kernel(x, self._verts, self._weights, out, start, stop)
+            return
+        A = self.operator  # scipy's kernel accumulates into its output, so zero it first
+        out[start:stop] = 0.0
+        for t in range(start, stop):
+            if _csr_matvec is None:  # pragma: no cover - private scipy module moved
+                out[t] += A @ x[t]
+            else:
+                _csr_matvec(A.shape[0], A.shape[1], A.indptr, A.indices, A.data, x[t], out[t])
 
     def pixels_to_image(self, p, fill: float = 0.0) -> np.ndarray:
         """p: (T, n_pixels) | (n_pixels,) -> (T, H, W) float32, ``fill`` outside the mask."""
