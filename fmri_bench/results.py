@@ -63,9 +63,11 @@ class Record:
 
 def summarize(task: str, method: str, values, metric: str = "accuracy", source: str = "synthetic",
               chance: float | None = None, ceiling: float | None = None, notes: str = "") -> Record:
-    """Record from per-seed / per-split scores (mean and 95 % CI over them)."""
+    """Record from per-seed / per-split scores (mean and 95 % CI over them). Scores are
+    fractions, so the interval is cut to [0, 1] (a t interval over 2-3 splits can leave it)."""
     values = [float(v) for v in np.atleast_1d(values)]
     m, lo, hi = mean_ci(values)
+    lo, hi = max(lo, 0.0), min(hi, 1.0)  # NaN (no finite value) stays NaN
     return Record(task, method, m, lo, hi, len(values), metric, source, chance, ceiling, values, notes)
 
 

@@ -32,3 +32,11 @@ def test_roundtrip_and_markdown(tmp_path):
     assert "| paper |" in md and "99.0" in md
     with pytest.raises(ValueError):
         Record("t", "m", 0.5, 0.4, 0.6, 3, source="guess")
+
+
+def test_summarize_cuts_the_interval_to_fractions():
+    wide = summarize("state21", "m", [0.6667, 1.0])  # a t interval over two splits: about [-1.3, 3.0]
+    m, lo, hi = mean_ci([0.6667, 1.0])
+    assert lo < 0 and hi > 1
+    assert (wide.ci_low, wide.ci_high) == (0.0, 1.0) and wide.mean == pytest.approx(m)
+    assert math.isnan(summarize("t", "m", [math.nan]).ci_low)

@@ -144,6 +144,10 @@ def test_same_seed_gives_identical_files(tiny_cohort):
     summary, out = tiny_cohort
     again = simulate(TINY, out / "b", seed=7, progress=False)
     assert _digest(summary.out) == _digest(again.out)
+    # and the seed is what decides: another seed gives other data in every run file
+    other = _digest(simulate(TINY, out / "c", seed=8, progress=False).out)
+    runs = [k for k in _digest(summary.out) if k.endswith((".dtseries.nii", ".nii.gz"))]
+    assert runs and all(other[k] != _digest(summary.out)[k] for k in runs)
 
 
 def test_bad_arguments_raise_input_error(tmp_path):
