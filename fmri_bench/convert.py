@@ -276,6 +276,9 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
     if workers > 1 and len(mine) > 1:
         for s in _spaces(space, [items[i] for i in mine]):
             _mapper(s)  # build / load once, before the workers fork
+        from fmri_bench.flatmap import compile_kernel
+
+        compile_kernel()  # and compile the rasteriser once for all of them
 
     summary = FlattenSummary()
     from tqdm.auto import tqdm

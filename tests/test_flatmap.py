@@ -236,7 +236,8 @@ def test_kernel_equals_scipy_bit_for_bit(fslr, rng):
     fast = FlatMapper("fs_LR_32k", threads=2)
     slow = FlatMapper("fs_LR_32k", threads=2)
     slow.use_kernel = False
-    assert fmri_bench.flatmap._raster_kernel() is not None  # numba is a dependency
+    assert fmri_bench.flatmap.compile_kernel()  # numba is a dependency
+    compiled = list(fmri_bench.flatmap._raster_kernel().signatures)
     for dtype in (np.float32, np.float16):
         a, b = fast.to_pixels(x, dtype=dtype), slow.to_pixels(x, dtype=dtype)
         assert a.dtype == b.dtype == dtype
@@ -245,6 +246,8 @@ def test_kernel_equals_scipy_bit_for_bit(fslr, rng):
     np.testing.assert_allclose(fast.to_pixels(x), (fslr.operator @ x.T).T, rtol=1e-6, atol=1e-6)
     # frames are independent: a frame gives the same pixels alone or inside any block
     np.testing.assert_array_equal(fast.to_pixels(x[5]), fast.to_pixels(x)[5:6])
+    # compile_kernel (run before convert's workers fork) compiled the signature these calls use
+    assert fmri_bench.flatmap._raster_kernel().signatures == compiled
 
 
 def test_plot(fslr):
