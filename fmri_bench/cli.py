@@ -112,13 +112,15 @@ def _add_simulate(sub) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--subjects", type=int, default=None, help="number of subjects (default: the profile's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")
+    p.add_argument("--overwrite", action="store_true", help="replace a cohort already in --out")
     p.set_defaults(func=_run_simulate)
 
 
 def _run_simulate(args) -> int:
     from fmri_bench.synth import simulate
 
-    print(simulate(args.profile, args.out, subjects=args.subjects, seed=args.seed, progress=True).line())
+    print(simulate(args.profile, args.out, subjects=args.subjects, seed=args.seed, progress=True,
+                   overwrite=args.overwrite).line())
     return 0
 
 

@@ -162,3 +162,37 @@ def test_bad_arguments_raise_input_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fmri_bench.cli", "simulate", "--profile", "nope",
                         "--out", str(tmp_path / "y")], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown profile" in r.stderr
+
+
+def test_output_folder_rules(tiny_cohort, tmp_path):
+    summary, _ = tiny_cohort
+    stray = tmp_path / "notes"
+    stray.mkdir()
+    (stray / "mine.txt").write_text("keep me")
+    with pytest.raises(InputError, match="holds no simulated cohort"):
+        simulate(TINY, stray, seed=7, progress=False)
+    assert (stray / "mine.txt").read_text() == "keep me" and len(list(stray.iterdir())) == 1
+    with pytest.raises(InputError, match="--overwrite"):
+        simulate(TINY, summary.out, seed=7, progress=False)
+    # replacing a cohort leaves none of the old files, and nothing beside it
+    root = tmp_path / "c"
+    simulate(TINY, root, seed=7, progress=False)
+    subject = sorted(p for p in root.iterdir() if p.is_dir() and p.name != "bids")[0]
+    (subject / "left_over.txt").write_text("old")
+    again = simulate(TINY, root, seed=8, progress=False, overwrite=True)
+    assert again.out == root and not (subject / "left_over.txt").exists()
+    assert load_ground_truth(root)[0]["seed"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "notes"]
+
+
+def test_interrupted_simulation_leaves_nothing(tmp_path, monkeypatch):
+    from fmri_bench.synth import writer
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "write_participants", fail)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(TINY, tmp_path / "cohort", seed=7, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["cohort"] and not any((tmp_path / "cohort").iterdir())
+

@@ -55,8 +55,17 @@ def _dir_bytes(path: Path) -> int:
 
 
 def simulate(profile: str | Profile, out, subjects: int | None = None, seed: int = 0,
-             progress: bool = True) -> CohortSummary:
-    """Generate a cohort and write it under ``out``; see :mod:`fmri_bench.synth.writer`."""
+             progress: bool = True, overwrite: bool = False) -> CohortSummary:
+    """Generate a cohort and write it under ``out``; see :mod:`fmri_bench.synth.writer`.
+
+    The cohort is written into a hidden sibling folder and moved to ``out`` when complete, so
+    an interrupted run leaves no half cohort at ``out``. ``out`` must be new or empty; a folder
+    holding an earlier cohort is replaced only with ``overwrite`` (a folder holding anything
+    else never is).
+    """
+    import os
+    import shutil
+
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -67,26 +76,46 @@ def simulate(profile: str | Profile, out, subjects: int | None = None, seed: int
     prof = get_profile(profile, subjects)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    out = writer.check_out_dir(out)
-    sy = Synthesizer(prof, seed=int(seed))
-    sink = writer.ShardSink(out) if prof.stream else None
-    records = []
+    final = Path(out)
+    if final.is_dir() and any(final.iterdir()):
+        if not (final / "ground_truth.json").is_file():
+            raise InputError("output directory is not empty and holds no simulated cohort: "
+                             "give a new or empty directory", final)
+        if not overwrite:
+            raise InputError("output directory already holds a simulated cohort: "
+                             "pass --overwrite to replace it", final)
+    writer.check_out_dir(final)
+    out = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    writer.check_out_dir(out)
     try:
-        for spec in tqdm(sy.runs, desc=f"simulate {prof.name}", unit="run", disable=not progress):
-            records.append(sink.write(out, sy, spec) if sink else writer.write_run_files(out, sy, spec))
-    finally:
-        if sink:
-            sink.close()
-    writer.write_participants(out, sy.cohort.participants)
-    gt, arrays = writer.ground_truth(sy, records, prof.name)
-    writer.write_json(out / "ground_truth.json", gt)
-    writer.save_npz(out / "ground_truth.npz", arrays)
+        sy = Synthesizer(prof, seed=int(seed))
+        sink = writer.ShardSink(out) if prof.stream else None
+        records = []
+        try:
+            for spec in tqdm(sy.runs, desc=f"simulate {prof.name}", unit="run", disable=not progress):
+                records.append(sink.write(out, sy, spec) if sink else writer.write_run_files(out, sy, spec))
+        finally:
+            if sink:
+                sink.close()
+        writer.write_participants(out, sy.cohort.participants)
+        gt, arrays = writer.ground_truth(sy, records, prof.name)
+        writer.write_json(out / "ground_truth.json", gt)
+        writer.save_npz(out / "ground_truth.npz", arrays)
+        n_bytes = _dir_bytes(out)
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)  # the earlier cohort (or the empty folder) out of the way, then swap
+        out.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     tsnr = {}
     for site in sorted({r["site"] for r in records}):
         tsnr[site] = float(np.median([r["tsnr_median"] for r in records if r["site"] == site]))
-    return CohortSummary(out, prof.name, int(seed), len(sy.cohort.participants), len(records),
+    return CohortSummary(final, prof.name, int(seed), len(sy.cohort.participants), len(records),
                          sum(r["n_frames"] for r in records), time.perf_counter() - t0,
-                         _dir_bytes(out), tsnr, prof.stream)
+                         n_bytes, tsnr, prof.stream)
 
 
 def load_ground_truth(out) -> tuple[dict, dict]:
@@ -108,18 +137,24 @@ def ensure_cohort(profile: str = "smoke", seed: int = 0, out=None, progress: boo
     """The cohort directory for (profile, seed), simulated on first use and reused afterwards.
 
     Default location: ``fmri_bench.paths.data_dir() / "synth" / f"{profile}-seed{seed}"``.
-    Chapters and benchmarks share it, so a profile is generated once per machine.
+    Chapters and benchmarks share it, so a profile is generated once per machine. A cohort of
+    an older generator version is replaced.
     """
     import json
 
     from fmri_bench.paths import data_dir
     from fmri_bench.synth.generate import GENERATOR_VERSION
 
+    default = out is None
     out = Path(out) if out is not None else data_dir() / "synth" / f"{profile}-seed{seed}"
     gt = out / "ground_truth.json"
     if gt.is_file():
         meta = json.loads(gt.read_text())
         if (meta.get("generator_version"), meta.get("profile"), meta.get("seed")) == (GENERATOR_VERSION, profile, seed):
             return out
-    simulate(profile, out, seed=seed, progress=progress)
+    if out.is_dir() and not gt.is_file() and any(out.iterdir()) and default:
+        import shutil
+
+        shutil.rmtree(out)  # our own cache folder, holding no complete cohort
+    simulate(profile, out, seed=seed, progress=progress, overwrite=True)
     return out
