@@ -65,7 +65,7 @@ def geometric_sizes(n_min: float, n_max: float, k: int, integer: bool = True) ->
 class PowerLawFit:
     """A fitted scaling law. ``params`` name -> value, ``ci`` name -> (low, high)."""
 
-    form: str  # "paper": L = (N/a)^b ; "offset": L = L_inf + (N/N_c)^-alpha
+    form: str  # "paper": L = (N/a)^b (fits also keep log_l1 = -b log a); "offset": L = L_inf + (N/N_c)^-alpha
     params: dict[str, float]
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     r2: float = math.nan
@@ -77,6 +77,8 @@ class PowerLawFit:
         n = np.asarray(n, dtype=float)
         p = self.params
         if self.form == "paper":
+            if "log_l1" in p:  # a fitted law: exp(c) N^b stays finite when b ~ 0 sends a to 0 / inf
+                return np.exp(p["log_l1"] + p["b"] * np.log(n))
             return (n / p["a"]) ** p["b"]
         return p["L_inf"] + (n / p["N_c"]) ** (-p["alpha"])
 
@@ -120,7 +122,9 @@ def _r2(y, yhat) -> float:
 
 def _paper_params(n, loss) -> dict[str, float]:
     b, c = np.polyfit(np.log(n), np.log(loss), 1)
-    return {"a": float(np.exp(-c / b)) if b != 0 else math.inf, "b": float(b)}
+    with np.errstate(over="ignore", divide="ignore"):  # a flat sweep: b ~ 0 and a -> 0 or inf
+        a = float(np.exp(-c / b)) if b != 0 else math.inf
+    return {"a": a, "b": float(b), "log_l1": float(c)}  # log_l1: log L at N = 1 (= -b log a)
 
 
 def _offset_params(n, loss) -> dict[str, float]:
@@ -154,7 +158,9 @@ def _bootstrap(fit_fn, n, loss, n_boot: int, seed: int, min_points: int, level: 
         for k, v in fit_fn(n[idx], loss[idx]).items():
             draws.setdefault(k, []).append(v)
     q = [(1 - level) / 2, (1 + level) / 2]
-    return {k: tuple(float(x) for x in np.quantile(v, q)) for k, v in draws.items()}
+    # a flat sweep draws a = 0 or inf now and then: no interpolation between infinite draws
+    return {k: tuple(float(x) for x in np.quantile(v, q, method="linear" if np.isfinite(v).all() else "nearest"))
+            for k, v in draws.items()}
 
 
 def _fit(kind: str, params_fn, min_points: int, n, loss, n_boot, seed, level, name) -> PowerLawFit:
