@@ -28,6 +28,10 @@ def _add_flatten(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--shard-index", type=int, default=0, help="this job's index when split over jobs")
     p.add_argument("--num-shards", type=int, default=1, help="number of independent jobs")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="keep this job's shards already in --out and convert only the runs not in them")
+    again.add_argument("--overwrite", action="store_true", help="replace this job's shards already in --out")
     p.set_defaults(func=_run_flatten)
 
 
@@ -38,6 +42,7 @@ def _run_flatten(args) -> int:
         args.inputs, args.out, space=args.space, tr=args.tr, input_tr=args.input_tr,
         events=args.events, shard_size=args.shard_size, workers=args.workers,
         shard_index=args.shard_index, num_shards=args.num_shards, progress=True,
+        resume=args.resume, overwrite=args.overwrite,
     )
     print(summary.line())
     return 0 if not summary.failed else 2

@@ -14,6 +14,11 @@ so a failure never leaves a partial shard.
 Splitting over independent jobs: job ``i`` of ``n`` converts ``inputs[i::n]`` and writes the
 shard indices ``i, i + n, i + 2n, ...``, so jobs never collide and, without failures, together
 number their shards ``0 .. N-1``.
+
+An output folder that already holds this job's shards is refused unless ``resume`` (keep them,
+convert only the runs not in them, number new shards after them: an interrupted conversion
+loses at most the shard it was filling) or ``overwrite`` (write anew, then delete this job's
+shards the new call did not write).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class FlattenSummary:
     seconds: float = 0.0
     failed: list[tuple[str, str]] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
+    resumed: int = 0  # runs already in this job's shards (resume), not converted again
 
     @property
     def frames_per_s(self) -> float:
@@ -55,6 +61,8 @@ class FlattenSummary:
     def line(self) -> str:
         text = (f"runs={self.runs} frames={self.frames} seconds={self.seconds:.2f} "
                 f"frames/s={self.frames_per_s:.1f} failed={len(self.failed)}")
+        if self.resumed:
+            text += f" resumed={self.resumed}"
         if self.failed:
             text += " (" + ", ".join(os.path.basename(f) for f, _ in self.failed) + ")"
         return text
@@ -205,6 +213,17 @@ def _check_out_dir(out: Path) -> None:
         raise InputError(f"output directory is not writable ({err.strerror or err})", out) from None
 
 
+def _existing_shards(out: Path, prefix: str, shard_index: int, num_shards: int) -> dict[int, Path]:
+    """This job's finished shards in ``out`` (index -> path, by index); temp files do not count."""
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6,}})\.tar$")
+    found = {}
+    for path in out.iterdir():
+        m = pattern.match(path.name)
+        if m and int(m.group(1)) % num_shards == shard_index:
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
+
+
 def _items(inputs: list, events: list | None) -> tuple[list, list]:
     """Inputs -> conversion items: a GIFTI hemisphere becomes its (left, right) pair, once."""
     from fmri_bench.io import file_kind, gifti_pair
@@ -244,14 +263,15 @@ def _spaces(space: str | None, items: list) -> list[str]:
 def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
             input_tr: float | None = None, events=None, shard_size: int = 32, workers: int = 1,
             shard_index: int = 0, num_shards: int = 1, progress: bool = True,
-            prefix: str = "shard") -> FlattenSummary:
+            prefix: str = "shard", resume: bool = False, overwrite: bool = False) -> FlattenSummary:
     """Convert fMRI files to flat-map shards in ``out``; returns what was done.
 
     inputs: file paths. space: ``fs_LR_32k`` / ``fsaverage5`` (None: the file's own). tr:
     target TR in seconds; input_tr: overrides the header TR. events: one events path per input
     (None: look beside each run). workers > 1 loads and preprocesses in that many processes;
     the parent writes in input order, so the shards are the same bytes for any ``workers``.
-    This job converts ``inputs[shard_index::num_shards]``.
+    This job converts ``inputs[shard_index::num_shards]``. resume / overwrite: what to do with
+    this job's shards already in ``out`` (see the module docstring; neither: refuse).
     """
     t0 = time.perf_counter()
     inputs = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike))
@@ -267,12 +287,29 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
         if len(events) != len(inputs):
             raise InputError(f"--events: {len(events)} files for {len(inputs)} inputs "
                              "(give one per input, in the same order)")
+    if resume and overwrite:
+        raise InputError("give one of --resume and --overwrite")
     out = Path(out)
     _check_out_dir(out)
+    existing = _existing_shards(out, prefix, shard_index, num_shards)
+    if existing and not (resume or overwrite):
+        names = ", ".join(p.name for p in list(existing.values())[:2]) + (", ..." if len(existing) > 2 else "")
+        raise InputError(f"output directory already holds {len(existing)} shards of this job ({names}): "
+                         "pass --resume to keep them and convert the rest, or --overwrite to replace them", out)
+    done: set[str] = set()
+    start = shard_index
+    if resume and existing:
+        from fmri_bench.shards import shard_keys
+
+        for path in existing.values():
+            done |= shard_keys(path)
+        start = max(existing) + num_shards
 
     items, item_events = _items(inputs, events)
     keys = unique_keys(items)
     mine = list(range(shard_index, len(items), num_shards))
+    n_mine = len(mine)
+    mine = [i for i in mine if keys[i] not in done]
     if workers > 1 and len(mine) > 1:
         for s in _spaces(space, [items[i] for i in mine]):
             _mapper(s)  # build / load once, before the workers fork
@@ -280,13 +317,13 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
 
         compile_kernel()  # and compile the rasteriser once for all of them
 
-    summary = FlattenSummary()
+    summary = FlattenSummary(resumed=n_mine - len(mine))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(mine), disable=not progress, unit="run", file=sys.stderr,
                desc="flatten")
     jobs = [(items[i], keys[i], space, tr, input_tr, item_events[i]) for i in mine]
-    with ShardWriter(out, shard_size=shard_size, prefix=prefix, start_index=shard_index,
+    with ShardWriter(out, shard_size=shard_size, prefix=prefix, start_index=start,
                      index_step=num_shards) as sink:
         for job, (sample, error) in zip(jobs, _run_all(jobs, workers, out)):
             if error is not None:
@@ -300,6 +337,9 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
             bar.update(1)
     bar.close()
     summary.shards = [str(p) for p in sink.paths]
+    if overwrite:  # the earlier call's shards this one did not write again
+        for path in set(existing.values()) - set(sink.paths):
+            path.unlink(missing_ok=True)
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -39,6 +39,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from fmri_bench.errors import InputError
+
 MEMBERS = ("bold.npy", "mask.npz", "meta.json", "events.json")
 CLIP_MODES = ("random", "sequential", "event")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -294,6 +296,17 @@ def _raw_samples(shards: list[str]) -> Iterator[dict]:
     # our own rank / worker split happens before this (split_shards): wds must not split again
     return iter(wds.WebDataset(shards, shardshuffle=False, nodesplitter=None,
                                workersplitter=None, empty_check=False))
+
+
+def shard_keys(path) -> set[str]:
+    """The sample keys in one shard file, from its tar headers (the data are not read)."""
+    import tarfile
+
+    try:
+        with tarfile.open(path) as tar:
+            return {name.split(".", 1)[0] for name in tar.getnames()}
+    except (OSError, tarfile.TarError) as err:
+        raise InputError(f"cannot read shard ({err})", path) from None
 
 
 def iter_samples(urls) -> Iterator[dict]:

@@ -666,7 +666,7 @@ def pretraining_shards(cohort_dir: str | os.PathLike, out: str | os.PathLike | N
             continue
         if not inputs:
             raise InputError(f"no subjects for the {split} split (the cohort has sites {sites})", cohort_dir)
-        summary = flatten(inputs, out / split, progress=progress, shard_size=8)
+        summary = flatten(inputs, out / split, progress=progress, shard_size=8, overwrite=True)
         if summary.failed:
             raise InputError(f"{len(summary.failed)} runs failed to flatten for {split}", out / split)
         done.write_text(json.dumps(inputs))

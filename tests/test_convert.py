@@ -299,3 +299,58 @@ def test_cli_subprocess_with_real_flatmap(tmp_path, rng):
     expect = mapper.to_pixels(zscore_time(load_run(run).data)).astype(np.float16)
     assert np.array_equal(s["bold"], expect)
     assert s["meta"]["grid"] == mapper.grid_meta()
+
+
+# ----------------------------------------------------------------------------- again into one folder
+
+
+def test_existing_shards_refused_resumed_or_replaced(tmp_path, run8, toy, monkeypatch, capsys):
+    inputs = copies(run8, tmp_path / "in", [f"sub-{i}_bold.dtseries.nii" for i in range(5)])
+    out = tmp_path / "out"
+    full = convert.flatten(inputs, tmp_path / "full", shard_size=2, progress=False)
+    # an interrupted call: the first shard finished, the second was being filled
+    real = convert.convert_run
+
+    def flaky(item, *args, **kw):
+        if "sub-3" in str(item):
+            raise KeyboardInterrupt
+        return real(item, *args, **kw)
+
+    monkeypatch.setattr(convert, "convert_run", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        convert.flatten(inputs, out, shard_size=2, progress=False)
+    monkeypatch.setattr(convert, "convert_run", real)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]
+
+    # neither flag: refused, nothing touched
+    before = (out / "shard-000000.tar").read_bytes()
+    with pytest.raises(InputError, match="already holds 1 shards of this job.*--resume"):
+        convert.flatten(inputs, out, shard_size=2, progress=False)
+    assert main(["flatten", *map(str, inputs), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # resume: only the runs not in a finished shard are converted, and the data are the same
+    done = convert.flatten(inputs, out, shard_size=2, progress=False, resume=True)
+    assert (done.runs, done.resumed) == (3, 2) and done.line().endswith("resumed=2")
+    assert [Path(p).name for p in done.shards] == ["shard-000001.tar", "shard-000002.tar"]
+    assert (out / "shard-000000.tar").read_bytes() == before
+    got = {s["key"]: s["bold"] for s in iter_samples(out)}
+    want = {s["key"]: s["bold"] for s in iter_samples(tmp_path / "full")}
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert convert.flatten(inputs, out, shard_size=2, progress=False, resume=True).runs == 0
+    # overwrite: written anew, and this job's shards it did not write again are gone
+    again = convert.flatten(inputs[:2], out, shard_size=2, progress=False, overwrite=True)
+    assert [Path(p).name for p in again.shards] == ["shard-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]
+    assert keys_in(out) == ["sub-0_bold", "sub-1_bold"]
+    with pytest.raises(InputError, match="one of --resume and --overwrite"):
+        convert.flatten(inputs, out, progress=False, resume=True, overwrite=True)
+    assert len(full.shards) == 3
+
+
+def test_resume_with_an_unreadable_shard_names_it(tmp_path, run8, toy):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard-000000.tar").write_bytes(b"not a tar file at all" * 50)
+    inputs = copies(run8, tmp_path / "in", ["sub-0_bold.dtseries.nii"])
+    with pytest.raises(InputError, match="shard-000000.tar.*cannot read shard"):
+        convert.flatten(inputs, out, progress=False, resume=True)
