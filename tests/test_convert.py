@@ -76,6 +76,20 @@ def keys_in(out):
     return [s["key"] for s in iter_samples(out)]
 
 
+def interrupt_at(monkeypatch, name):
+    """Make converting the input whose path contains ``name`` raise KeyboardInterrupt (as if the
+    user pressed Ctrl-C there); returns the real ``convert_run``."""
+    real = convert.convert_run
+
+    def flaky(item, *args, **kw):
+        if name in str(item):
+            raise KeyboardInterrupt
+        return real(item, *args, **kw)
+
+    monkeypatch.setattr(convert, "convert_run", flaky)
+    return real
+
+
 # ----------------------------------------------------------------------------- conversion
 
 
@@ -167,14 +181,7 @@ def test_deterministic_bytes_any_worker_count(tmp_path, run8, toy):
 
 def test_interrupt_mid_shard_leaves_no_partial_shard(tmp_path, run8, toy, monkeypatch):
     inputs = copies(run8, tmp_path / "in", [f"sub-{i}_bold.dtseries.nii" for i in range(3)])
-    real = convert.convert_run
-
-    def flaky(item, *args, **kw):
-        if "sub-2" in str(item):
-            raise KeyboardInterrupt
-        return real(item, *args, **kw)
-
-    monkeypatch.setattr(convert, "convert_run", flaky)
+    interrupt_at(monkeypatch, "sub-2")
     with pytest.raises(KeyboardInterrupt):
         convert.flatten(inputs, tmp_path / "out", shard_size=2, progress=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["shard-000000.tar"]
@@ -309,14 +316,7 @@ def test_existing_shards_refused_resumed_or_replaced(tmp_path, run8, toy, monkey
     out = tmp_path / "out"
     full = convert.flatten(inputs, tmp_path / "full", shard_size=2, progress=False)
     # an interrupted call: the first shard finished, the second was being filled
-    real = convert.convert_run
-
-    def flaky(item, *args, **kw):
-        if "sub-3" in str(item):
-            raise KeyboardInterrupt
-        return real(item, *args, **kw)
-
-    monkeypatch.setattr(convert, "convert_run", flaky)
+    real = interrupt_at(monkeypatch, "sub-3")
     with pytest.raises(KeyboardInterrupt):
         convert.flatten(inputs, out, shard_size=2, progress=False)
     monkeypatch.setattr(convert, "convert_run", real)
