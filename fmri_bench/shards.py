@@ -359,7 +359,10 @@ class ClipDataset(IterableDataset):
     Each clip is z-scored per frame over the in-mask pixels and clipped to +-``clip``, then
     unmasked into the (H, W) grid (zeros outside the mask). Yields
     ``{"bold": (1, clip_len, H, W) float32, "mask": (H, W) bool, "key": str, "start": int}``
-    plus ``"label"`` (str or int) in event mode or with ``label_key``.
+    plus ``"label"`` (str or int) in event mode or with ``label_key``. ``downsample=f`` pools
+    f x f blocks before the grid is made (the mean of a block's brain pixels; a block is brain if
+    any of its pixels is: ``fmri_bench.train.downsample``'s numbers, without the full-size grid),
+    so ``bold`` is (1, clip_len, H / f, W / f) and ``mask`` (H / f, W / f).
 
     Randomness: the random starts of a run come from ``np.random.default_rng((seed, epoch,
     crc32(key)))``, so they do not depend on how shards are split over ranks and workers; call
@@ -373,12 +376,12 @@ class ClipDataset(IterableDataset):
                  tr: float | None = None, hrf_delay: float = 0.0,
                  label_map: dict[str, int] | None = None, label_key: str | None = None,
                  shuffle: bool = False, buffer_size: int = 256,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, downsample: int = 1):
         super().__init__()
         if mode not in CLIP_MODES:
             raise ValueError(f"mode must be one of {CLIP_MODES}, got {mode!r}")
-        if clip_len < 1 or oversample <= 0 or (stride is not None and stride < 1):
-            raise ValueError("clip_len and stride must be >= 1, oversample > 0")
+        if clip_len < 1 or oversample <= 0 or (stride is not None and stride < 1) or downsample < 1:
+            raise ValueError("clip_len, stride and downsample must be >= 1, oversample > 0")
         self.shards = expand_urls(urls)
         if not self.shards:
             raise ValueError(f"no shards found at {urls!r}")
@@ -396,6 +399,8 @@ class ClipDataset(IterableDataset):
         self.shuffle = shuffle
         self.buffer_size = buffer_size
         self.rank, self.world_size = rank, world_size
+        self.downsample = int(downsample)
+        self._grids: dict = {}  # mask bytes -> how its pixels go into the output grid
         self.epoch = 0
         self.stats = {"runs": 0, "clips": 0, "skipped_short": 0}
 
@@ -432,17 +437,43 @@ class ClipDataset(IterableDataset):
             if n_frames < self.clip_len:
                 self.stats["skipped_short"] += 1
                 continue
-            mask_t = torch.from_numpy(mask)
+            grid = self._grid(mask, sample.get("url"))
             for start, label in self._starts(sample, n_frames):
-                frames = bold[start:start + self.clip_len].astype(np.float32)
-                frames = normalize_frames(frames, clip=self.clip)  # (clip_len, P)
-                image = torch.zeros((self.clip_len, *mask.shape), dtype=torch.float32)
-                image[:, mask_t] = torch.as_tensor(np.asarray(frames, dtype=np.float32))
-                out = {"bold": image[None], "mask": mask_t, "key": key, "start": int(start)}
+                frames = torch.from_numpy(bold[start:start + self.clip_len])  # (clip_len, P) float16
+                frames = normalize_frames(frames, clip=self.clip)
+                if grid["pool"] is not None:  # block sums of the brain pixels / their counts
+                    pool, inv_count = grid["pool"]
+                    frames = torch.zeros((self.clip_len, len(inv_count))).index_add_(1, pool, frames) * inv_count
+                image = torch.zeros((self.clip_len, grid["mask"].numel()), dtype=torch.float32)
+                image.index_copy_(1, grid["flat"], frames)
+                out = {"bold": image.view(1, self.clip_len, *grid["mask"].shape), "mask": grid["mask"],
+                       "key": key, "start": int(start)}
                 if label is not None:
                     out["label"] = label
                 self.stats["clips"] += 1
                 yield out
+
+    def _grid(self, mask: np.ndarray, url) -> dict:
+        """Output mask (H/f, W/f), its pixels' row-major indices, and for f > 1 the block of each
+        input mask pixel (index into the output mask pixels) with 1 / brain pixels per block."""
+        key = (mask.shape, mask.tobytes())
+        if key not in self._grids:
+            f, (H, W) = self.downsample, mask.shape
+            if H % f or W % f:
+                raise ValueError(f"{url}: flat map {H} x {W} is not divisible by downsample={f}")
+            pool = None
+            if f > 1:
+                rows, cols = np.nonzero(mask)
+                block = (rows // f) * (W // f) + cols // f  # row-major block of each mask pixel
+                out = np.zeros((H // f) * (W // f), dtype=bool)
+                out[block] = True
+                pos = np.searchsorted(np.flatnonzero(out), block)
+                count = np.bincount(pos, minlength=int(out.sum()))
+                pool = (torch.from_numpy(pos), torch.from_numpy((1.0 / count).astype(np.float32)))
+                mask = out.reshape(H // f, W // f)
+            self._grids = {key: {"mask": torch.from_numpy(mask), "pool": pool,
+                                 "flat": torch.from_numpy(np.flatnonzero(mask.ravel()))}}  # keep one
+        return self._grids[key]
 
     def _starts(self, sample: dict, n_frames: int) -> Iterator[tuple[int, object]]:
         last = n_frames - self.clip_len  # last valid start

@@ -245,12 +245,13 @@ class ShardStream:
     """
 
     def __init__(self, urls: list[str], clip_len: int, batch_size: int, seed: int, rank: int, world_size: int,
-                 num_workers: int = 0, oversample: float = 4.0, shuffle_buffer: int = 256):
+                 num_workers: int = 0, oversample: float = 4.0, shuffle_buffer: int = 256, downsample: int = 1):
         from fmri_bench.shards import ClipDataset
 
         try:
             self.dataset = ClipDataset(urls, clip_len=clip_len, mode="random", oversample=oversample, seed=seed,
-                                       shuffle=True, buffer_size=shuffle_buffer, rank=rank, world_size=world_size)
+                                       shuffle=True, buffer_size=shuffle_buffer, rank=rank, world_size=world_size,
+                                       downsample=downsample)
         except ValueError as err:
             raise InputError(f"training shards: {err}") from None
         self.batch_size, self.num_workers, self.rank = batch_size, num_workers, rank
@@ -279,7 +280,10 @@ class ShardStream:
         while True:
             if self._it is None:
                 self._it = self._open()
-            batch = next(self._it, None)
+            try:
+                batch = next(self._it, None)
+            except ValueError as err:  # a bad sample or grid, found while reading
+                raise InputError(f"training shards: {err}") from None
             if batch is not None:
                 self.position += 1
                 return batch
@@ -311,7 +315,7 @@ def val_batches(cfg: TrainConfig, which: str, model_cfg) -> list[dict] | None:
     from fmri_bench.shards import ClipDataset, collate
 
     try:
-        ds_ = ClipDataset(urls, clip_len=T, mode="sequential", seed=cfg.seed, rank=0, world_size=1)
+        ds_ = ClipDataset(urls, clip_len=T, mode="sequential", seed=cfg.seed, rank=0, world_size=1, downsample=ds)
     except ValueError as err:
         raise InputError(f"{which} shards: {err}") from None
     out = []
@@ -488,6 +492,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1)  # same draws on every rank: one global batch
 
     ds = cfg.data.downsample
+    # shard clips come pooled from ClipDataset(downsample=ds); synthetic batches are pooled here
+    batch_ds = ds if cfg.data.synthetic else 1
     if cfg.data.synthetic:
         src = SyntheticClips((mcfg.img_size[0] * ds, mcfg.img_size[1] * ds), mcfg.num_frames, cfg.seed, site=0)
         stream = SyntheticStream(src, cfg.batch_size, dd.rank, dd.world)
@@ -495,7 +501,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
         if not cfg.data.train_urls:
             raise InputError("no training data: set data.train_urls (shards) or data.synthetic=true")
         stream = ShardStream(cfg.data.train_urls, mcfg.num_frames, b_local, cfg.seed, dd.rank, dd.world,
-                             cfg.num_workers, cfg.data.oversample, cfg.data.shuffle_buffer)
+                             cfg.num_workers, cfg.data.oversample, cfg.data.shuffle_buffer, ds)
 
     step, history = 0, []
     run_path = Path(run_dir) if run_dir is not None else None
@@ -558,7 +564,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
     model.train()
     while step < cfg.steps:
         batch = next(stream)
-        bold, mask = downsample(batch["bold"], batch["mask"], ds)
+        bold, mask = downsample(batch["bold"], batch["mask"], batch_ds)
         try:
             model.check_inputs(bold[:1], mask[:1])
         except InputError as err:
@@ -600,11 +606,11 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
                 rec = {"step": step}
                 for name, batches in val.items():
                     if batches:
-                        rec[f"{name}_loss"] = evaluate(model, batches, cfg.seed + 2, ds, device, amp_dtype)
+                        rec[f"{name}_loss"] = evaluate(model, batches, cfg.seed + 2, batch_ds, device, amp_dtype)
                 log(rec)
                 fig_batch = val["val"][0] if val.get("val") else batch
                 if run_path is not None and cfg.figures:
-                    _recon_figure(model, fig_batch, ds, cfg.seed + 3, device,
+                    _recon_figure(model, fig_batch, batch_ds, cfg.seed + 3, device,
                                   run_path / "figures" / f"recon_{step:06d}.png", step)
             if dd.world > 1:
                 dist.barrier()

@@ -145,6 +145,12 @@ def test_normalize_frames(rng):
     assert y.shape == x.shape and y.dtype == np.float32
     assert y.max() == 3.0 and y[0, 0, 0] == 3.0
     np.testing.assert_allclose(y[1].mean(-1), 0, atol=0.05)
+    ref = (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)  # float64, unclipped
+    inside = np.abs(ref) < 3
+    np.testing.assert_allclose(y[inside], ref[inside], atol=1e-5)
+    assert (np.abs(y[~inside]) == 3).all()
+    half = normalize_frames(x[1].astype(np.float16))  # shard frames are float16
+    np.testing.assert_allclose(half, normalize_frames(x[1].astype(np.float16).astype(np.float32)), atol=0)
     yt = normalize_frames(torch.from_numpy(x), clip=3.0)
     np.testing.assert_allclose(yt.numpy(), y, atol=1e-5)
     assert (normalize_frames(np.ones((2, 5))) == 0).all()

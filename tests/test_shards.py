@@ -293,3 +293,20 @@ def test_clip_dataset_shuffle_is_seeded(tmp_path, rng, mask):
     a = order(0)
     assert a == order(0) and sorted(a) == sorted(order(1))
     assert len(a) == 12 and a != sorted(a)
+
+
+def test_clip_downsample_matches_pooling_the_full_grid(tmp_path, rng, mask):
+    from fmri_bench.train import downsample
+
+    write_runs(tmp_path, make_runs(rng, mask, [16, 20]), mask)
+    full = list(ClipDataset(tmp_path, mode="sequential"))
+    pooled = list(ClipDataset(tmp_path, mode="sequential", downsample=2))
+    assert len(full) == len(pooled) == 2
+    for a, b in zip(full, pooled):
+        ref, ref_mask = downsample(a["bold"][None], a["mask"][None], 2)
+        assert b["bold"].shape == (1, 16, H // 2, W // 2) and b["mask"].shape == (H // 2, W // 2)
+        assert torch.equal(b["mask"], ref_mask[0])
+        torch.testing.assert_close(b["bold"], ref[0], atol=1e-6, rtol=1e-6)
+        assert torch.all(b["bold"][:, :, ~b["mask"]] == 0)
+    with pytest.raises(ValueError, match="not divisible by downsample=4"):
+        next(iter(ClipDataset(tmp_path, mode="sequential", downsample=4)))  # 6 x 8 grid

@@ -130,6 +130,9 @@ def test_clip_of_the_wrong_shape_is_a_clear_error(tmp_path):
         train(small_cfg(model_overrides=small, data={"train_urls": urls}, steps=1))
     out = train(small_cfg(model_overrides=small, data={"train_urls": urls, "downsample": 2}, steps=1))
     assert np.isfinite(out["train_loss"])
+    odd = [write_shards(tmp_path / "odd", shape=(30, 64))]
+    with pytest.raises(InputError, match=r"training shards: .*flat map 30 x 64 is not divisible by downsample=4"):
+        train(small_cfg(model_overrides=small, data={"train_urls": odd, "downsample": 4}, steps=1))
     with pytest.raises(InputError, match="no training data"):
         train(small_cfg(data={}, steps=1))
 
