@@ -449,20 +449,26 @@ def untrained_encoder(kind: str, config=None, seed: int = 0) -> torch.nn.Module:
 
 
 def pretrained_encoder(cohort, steps: int = 300, batch_size: int = 8, seed: int = 0,
-                       out=None) -> Path:
+                       out=None, base_lr: float = 1e-2) -> Path:
     """The tiny MAE pretrained on a cohort's training subjects (``train.pretraining_shards``),
-    trained once per (cohort, steps, batch, seed) and cached; resumes an interrupted run.
-    -> path of ``model.pt``."""
+    trained once per (cohort, steps, batch, base_lr, seed) and cached; resumes an interrupted
+    run. -> path of ``model.pt``.
+
+    base_lr: 1e-2 (lr = base_lr x batch / 256 = 3.1e-4 at batch 8), not the paper's 1e-3, which
+    is for batches of hundreds: at batch 8 it gives 3.1e-5 and the loss stalls. Measured on the
+    synthetic book cohort, 3000 steps: val loss 0.668 with 1e-2 against 0.739 with 1e-3.
+    """
     from fmri_bench.paths import data_dir
     from fmri_bench.train import TrainConfig, pretraining_shards, train
 
     cohort = Path(cohort)
-    run = Path(out) if out else data_dir() / "models" / f"{cohort.name}-tiny-s{steps}-b{batch_size}-seed{seed}"
+    run = Path(out) if out else (data_dir() / "models"
+                                 / f"{cohort.name}-tiny-s{steps}-b{batch_size}-lr{base_lr:g}-seed{seed}")
     if (run / "model.pt").is_file():
         return run / "model.pt"
     shards = pretraining_shards(cohort, seed=seed)
     cfg = TrainConfig.from_dict(dict(
-        model="mae_vit_tiny", seed=seed, batch_size=batch_size, steps=steps,
+        model="mae_vit_tiny", seed=seed, batch_size=batch_size, steps=steps, base_lr=base_lr,
         warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 5), ckpt_every=max(1, steps // 5),
         log_every=max(1, steps // 20), progress=False, figures=False,
         data=dict(train_urls=[shards["train"]], val_urls=[shards["val"]],
