@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from fmri_bench.errors import InputError
+from fmri_bench.paths import atomic_save
 
 # Fits published in the paper (v2), N = training frames (TR 1 s); quoted, not measured here.
 PAPER_FITS = {
@@ -372,17 +374,22 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
             **data, "train_urls": [str(point_dir / "shards")], "val_urls": [shards["val"]],
             "val_ood_urls": [shards["val_ood"]]}})
         spec = {"items": items, "config": cfg.to_dict()}
-        result = point_dir / "result.json"
+        result, started = point_dir / "result.json", point_dir / "spec.json"
         if result.exists() and json.loads(result.read_text()).get("spec") == spec:
             points.append(SweepPoint(**{**json.loads(result.read_text())["point"], "resumed": True}))
             continue
+        if point_dir.exists() and not (started.exists() and json.loads(started.read_text()) == spec):
+            shutil.rmtree(point_dir)  # a point of another subset or config: train this one afresh
         t0 = time.perf_counter()
+        point_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save(lambda tmp: tmp.write_text(json.dumps(spec)), started)  # an interrupted point resumes
         _write_subset(shards["train"], keys, point_dir / "shards")
         metrics = train(cfg, point_dir / "run", resume=True)
         p = SweepPoint(n, r, items, len(keys), int(sum(frames_of[k] for k in keys)),
                        _best(metrics["history"], "val_loss"), _best(metrics["history"], "val_ood_loss"),
                        int(metrics["step"]), time.perf_counter() - t0, str(point_dir))
-        result.write_text(json.dumps({"spec": spec, "point": p.to_dict()}, indent=1))
+        text = json.dumps({"spec": spec, "point": p.to_dict()}, indent=1)
+        atomic_save(lambda tmp: tmp.write_text(text), result)
         points.append(p)
     res = SweepResult(points, {}, unit)
     for which in ("val", "val_ood"):

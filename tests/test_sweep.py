@@ -66,3 +66,8 @@ def test_sweep_runs_fits_and_resumes(tmp_path, monkeypatch):
     more = scaling.run_sweep([1, 2, 4], shards, tmp_path / "sweep", unit="subjects", train_overrides=overrides,
                              n_boot=20)
     assert [p.resumed for p in more.points] == [True, True, False]
+    # another training config: every point is trained afresh (its old run is not resumed)
+    changed = scaling.run_sweep([1, 2], shards, tmp_path / "sweep", unit="subjects",
+                                train_overrides={**overrides, "base_lr": 2e-3}, n_boot=20)
+    assert [p.resumed for p in changed.points] == [False, False]
+    assert json.loads((tmp_path / "sweep" / "n0001_r0" / "result.json").read_text())["spec"]["config"]["base_lr"] == 2e-3
