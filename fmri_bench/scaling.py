@@ -402,12 +402,20 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
 
 
 def _sweep_fits(res: SweepResult, which: str, n, loss, n_boot: int, seed: int) -> dict:
-    """Both laws on one set of points; the offset law needs 4 distinct sizes (else None + a note)."""
+    """Both laws on one set of points; the offset law needs 4 distinct sizes, and is dropped when
+    it does not fit: N_c at its bound or R^2 < 0 (worse than a constant; a flat sweep). Each
+    dropped fit leaves a note."""
     fits = {"paper": None, "offset": None}
     if len(np.unique(n)) >= 2:
         fits["paper"] = fit_paper(n, loss, n_boot=n_boot, seed=seed, name=f"{which} (synthetic)")
-    if len(np.unique(n)) >= 4:
-        fits["offset"] = fit_offset(n, loss, n_boot=n_boot, seed=seed, name=f"{which} offset (synthetic)")
-    else:
+    if len(np.unique(n)) < 4:
         res.notes.append(f"{which}: the offset law needs 4 distinct sizes, have {len(np.unique(n))}")
+        return fits
+    fit = fit_offset(n, loss, n_boot=n_boot, seed=seed, name=f"{which} offset (synthetic)")
+    log_nc = math.log(fit.params["N_c"]) if fit.params["N_c"] > 0 else -math.inf
+    if abs(log_nc) > 99 or not fit.r2 >= 0:
+        res.notes.append(f"{which}: the offset law does not fit these points (R2 {fit.r2:.2f}, N_c "
+                         f"{fit.params['N_c']:.3g}): no saturating trend to fit")
+    else:
+        fits["offset"] = fit
     return fits

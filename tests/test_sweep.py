@@ -71,3 +71,17 @@ def test_sweep_runs_fits_and_resumes(tmp_path, monkeypatch):
                                 train_overrides={**overrides, "base_lr": 2e-3}, n_boot=20)
     assert [p.resumed for p in changed.points] == [False, False]
     assert json.loads((tmp_path / "sweep" / "n0001_r0" / "result.json").read_text())["spec"]["config"]["base_lr"] == 2e-3
+
+
+def test_offset_law_dropped_on_a_flat_sweep():
+    n = np.array([1e3, 2e3, 4e3, 8e3] * 2)
+    flat = np.array([0.7337, 0.7338, 0.7337, 0.7337, 0.7321, 0.7321, 0.7321, 0.7321])  # seed, not size
+    res = scaling.SweepResult([], {}, "subjects")
+    fits = scaling._sweep_fits(res, "val", n, flat, n_boot=20, seed=0)
+    assert fits["offset"] is None and fits["paper"] is not None
+    assert any("does not fit" in note for note in res.notes)
+    # a saturating sweep keeps it
+    curve = 0.5 + (n / 100.0) ** -0.4
+    kept = scaling._sweep_fits(scaling.SweepResult([], {}, "subjects"), "val", n, curve, n_boot=20, seed=0)
+    assert kept["offset"] is not None and kept["offset"].r2 > 0.99
+

@@ -76,7 +76,7 @@ def simulate(profile: str | Profile, out, subjects: int | None = None, seed: int
     prof = get_profile(profile, subjects)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    final = Path(out)
+    final = Path(out).resolve()  # its parent holds the hidden work folder (also for "." or "x/")
     if final.is_dir() and any(final.iterdir()):
         if not (final / "ground_truth.json").is_file():
             raise InputError("output directory is not empty and holds no simulated cohort: "
