@@ -91,7 +91,9 @@ class PowerLawFit:
 
     def label(self) -> str:
         p = self.params
-        if self.form == "paper":
+        if self.form == "paper" and "log_l1" in p and not 1e-300 < p["a"] < 1e300:
+            s = f"L = {math.exp(p['log_l1']):.3f} N^{p['b']:.4f}"  # b ~ 0: a is 0 or inf, say it as e^c N^b
+        elif self.form == "paper":
             s = f"L = (N/{p['a']:.3g})^{p['b']:.3f}"
         else:
             s = f"L = {p['L_inf']:.3f} + (N/{p['N_c']:.3g})^-{p['alpha']:.3f}"

@@ -43,6 +43,7 @@ def test_fit_paper_on_a_flat_sweep_stays_finite():
     pred = fit.predict(n)
     assert np.all(np.isfinite(pred)) and np.allclose(pred, loss.mean(), rtol=0.02)
     assert np.isfinite(fit.r2) and fit.r2 <= 1
+    assert fit.label().startswith("L = 0.80") and "inf" not in fit.label()
 
 
 def test_offset_form_recovers_constants(rng):
