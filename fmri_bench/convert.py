@@ -214,14 +214,10 @@ def _check_out_dir(out: Path) -> None:
 
 
 def _existing_shards(out: Path, prefix: str, shard_index: int, num_shards: int) -> dict[int, Path]:
-    """This job's finished shards in ``out`` (index -> path, by index); temp files do not count."""
-    pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6,}})\.tar$")
-    found = {}
-    for path in out.iterdir():
-        m = pattern.match(path.name)
-        if m and int(m.group(1)) % num_shards == shard_index:
-            found[int(m.group(1))] = path
-    return dict(sorted(found.items()))
+    """This job's finished shards in ``out`` (index -> path, by index)."""
+    from fmri_bench.shards import finished_shards
+
+    return {i: p for i, p in finished_shards(out, prefix).items() if i % num_shards == shard_index}
 
 
 def _items(inputs: list, events: list | None) -> tuple[list, list]:

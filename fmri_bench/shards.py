@@ -148,6 +148,14 @@ def decode_sample(raw: dict) -> dict:
 # ----------------------------------------------------------------------------- writer
 
 
+def finished_shards(out_dir, prefix: str = "shard") -> dict[int, Path]:
+    """The finished ``{prefix}-{index:06d}.tar`` shards of a ShardWriter in ``out_dir``, by index
+    (temp files of a shard being written do not count)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6,}})\.tar$")
+    found = {int(m.group(1)): path for path in Path(out_dir).iterdir() if (m := pattern.match(path.name))}
+    return dict(sorted(found.items()))
+
+
 class ShardWriter:
     """Write samples into ``{prefix}-{index:06d}.tar`` shards of ``shard_size`` runs each.
 
@@ -400,7 +408,7 @@ class ClipDataset(IterableDataset):
         self.buffer_size = buffer_size
         self.rank, self.world_size = rank, world_size
         self.downsample = int(downsample)
-        self._grids: dict = {}  # mask bytes -> how its pixels go into the output grid
+        self._grid_cache: tuple | None = None  # (mask key, grid) of the last mask seen
         self.epoch = 0
         self.stats = {"runs": 0, "clips": 0, "skipped_short": 0}
 
@@ -457,7 +465,7 @@ class ClipDataset(IterableDataset):
         """Output mask (H/f, W/f), its pixels' row-major indices, and for f > 1 the block of each
         input mask pixel (index into the output mask pixels) with 1 / brain pixels per block."""
         key = (mask.shape, mask.tobytes())
-        if key not in self._grids:
+        if self._grid_cache is None or self._grid_cache[0] != key:
             f, (H, W) = self.downsample, mask.shape
             if H % f or W % f:
                 raise ValueError(f"{url}: flat map {H} x {W} is not divisible by downsample={f}")
@@ -471,9 +479,9 @@ class ClipDataset(IterableDataset):
                 count = np.bincount(pos, minlength=int(out.sum()))
                 pool = (torch.from_numpy(pos), torch.from_numpy((1.0 / count).astype(np.float32)))
                 mask = out.reshape(H // f, W // f)
-            self._grids = {key: {"mask": torch.from_numpy(mask), "pool": pool,
-                                 "flat": torch.from_numpy(np.flatnonzero(mask.ravel()))}}  # keep one
-        return self._grids[key]
+            self._grid_cache = (key, {"mask": torch.from_numpy(mask), "pool": pool,
+                                      "flat": torch.from_numpy(np.flatnonzero(mask.ravel()))})
+        return self._grid_cache[1]
 
     def _starts(self, sample: dict, n_frames: int) -> Iterator[tuple[int, object]]:
         last = n_frames - self.clip_len  # last valid start

@@ -34,12 +34,7 @@ EVENTS = [{"onset": 0.0, "duration": 8.0, "trial_type": "lf"},
           {"onset": 30.0, "duration": 8.0, "trial_type": "lf"}]  # its clip leaves the run: dropped
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def write_cohort(root, n_subjects=8, sessions=("REST1", "REST2"), task=True, events=EVENTS, families=None,

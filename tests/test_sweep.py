@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from fmri_bench import scaling
 from fmri_bench.errors import InputError
@@ -38,8 +37,7 @@ def test_sweep_subsets_are_disjoint_when_the_pool_allows():
         scaling.sweep_subsets(pool, [9], 1)
 
 
-def test_sweep_runs_fits_and_resumes(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
+def test_sweep_runs_fits_and_resumes(tmp_path, monkeypatch, one_thread):
     shards = {"train": write_shards(tmp_path / "train", ["1", "2", "3", "4"]),
               "val": write_shards(tmp_path / "val", ["5"]), "val_ood": write_shards(tmp_path / "ood", ["6"])}
     overrides = dict(model_overrides=TINY, steps=2, batch_size=2, warmup_steps=1, eval_every=1, log_every=1,
