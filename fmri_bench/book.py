@@ -59,7 +59,8 @@ from pathlib import Path
 import nbformat
 
 from fmri_bench.errors import InputError
-from fmri_bench.paths import cache_dir, checkout_root
+from fmri_bench.paths import atomic_save, cache_dir, checkout_root
+from fmri_bench.results import markdown_table
 
 PROFILES = ("smoke", "book")
 KERNEL_NAME = "fmri-bench"
@@ -128,14 +129,6 @@ class ResultsTable:
         return f"ResultsTable({self.name!r}, {len(self.rows)} rows, {self.json_path})"
 
 
-def _cell_text(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value).replace("|", "\\|")
-
-
 def _plain(value):
     """numpy scalars -> Python scalars (so they print and serialise like numbers)."""
     return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
@@ -149,15 +142,6 @@ def _json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """rows (dicts, same keys) -> a GitHub-flavoured markdown table; floats to 4 significant digits."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell_text(row.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def save_results(name: str, rows: list[dict] | dict, out_dir: str | os.PathLike | None = None,
@@ -178,8 +162,9 @@ def save_results(name: str, rows: list[dict] | dict, out_dir: str | os.PathLike 
     out = output_dir(out_dir)
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     record = {"name": name, "meta": meta or {}, "rows": rows}
-    json_path.write_text(json.dumps(_json_safe(record), indent=1, allow_nan=False) + "\n")
-    md_path.write_text(markdown_table(rows))
+    text = json.dumps(_json_safe(record), indent=1, allow_nan=False) + "\n"
+    atomic_save(lambda tmp: tmp.write_text(text), json_path)
+    atomic_save(lambda tmp: tmp.write_text(markdown_table(rows)), md_path)
     return ResultsTable(name, rows, json_path, md_path)
 
 

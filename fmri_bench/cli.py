@@ -131,7 +131,7 @@ def _run_simulate(args) -> int:
 
 # --- probe / baseline --------------------------------------------------------------------------
 def _add_bench_args(p) -> None:
-    # names checked by fmri_bench.decoding (InputError, exit 2): building the parser imports no torch
+    # names checked by fmri_bench.harness (InputError, exit 2): building the parser imports no torch
     p.add_argument("--task", required=True, help="state21 | sex | age | fluid_iq | identify")
     p.add_argument("--data", default=None,
                    help="simulated cohort or directory of flat-map shards with participants.tsv "
@@ -163,14 +163,14 @@ def _add_baseline(sub) -> None:
 
 
 def _run_probe(args) -> int:
-    from fmri_bench.decoding import benchmark, write_benchmark
+    from fmri_bench.harness import benchmark, write_benchmark
 
     methods = args.methods or (args.name,)
     if args.methods is None and args.name not in ("fc", "parcel_mlp", "depth0", "random_init", "chance"):
         raise InputError(f"unknown baseline {args.name!r}; expected fc, parcel_mlp, depth0, random_init or chance")
     config = None
     if args.methods is None and args.checkpoint is not None:
-        from fmri_bench.decoding import load_encoder
+        from fmri_bench.harness import load_encoder
 
         config = load_encoder(args.checkpoint).config
     bench = benchmark(args.task, args.data, methods=methods, checkpoint=args.checkpoint, seeds=args.seeds,

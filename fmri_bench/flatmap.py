@@ -4,8 +4,8 @@ In: vertex data (T, V) of a space (see ``fmri_bench.surfaces``). Out: flat-map f
 (T, n_pixels) values of the in-cortex pixels in row-major mask order (the ``bold.npy`` layout of
 the shards) or (T, H, W) images, and back from pixels to vertices.
 
-The operator follows the upstream fMRI-FM recipe (PAPERS.md section 1): keep the cortex
-vertices, drop the flat-mesh triangles whose longest edge is >= ``max_edge_mm`` (cuts and
+The operator follows the flat-map MAE paper's pipeline (Lane et al., arXiv 2510.13768; code
+MedARC-AI/fmri-fm): keep the cortex vertices, drop the flat-mesh triangles whose longest edge is >= ``max_edge_mm`` (cuts and
 stretched seams), lay a grid of square pixels over the flat map (upper-left origin), and give
 every pixel whose centre lies in a kept triangle the linear (barycentric) interpolation of that
 triangle's three vertex values. The weights are written once as a sparse (n_pixels, V) matrix
@@ -529,3 +529,27 @@ class FlatMapper:
             f"FlatMapper(space={self.space!r}, shape={self.shape}, pixel_size={self.pixel_size:g} mm, "
             f"n_pixels={self.n_pixels}, n_vertices={self.n_vertices}, max_edge_mm={self.max_edge_mm:g})"
         )
+
+
+def compare_linear_nd(mapper: FlatMapper, frames, atol: float = 1e-4) -> tuple[list[dict], float]:
+    """Time ``mapper.to_pixels`` against upstream's per-run ``scipy LinearNDInterpolator`` on the
+    same frames (T, V), and the fraction of pixels where they agree to ``atol`` (they differ where
+    the flat mesh's triangle is not scipy's Delaunay triangle). -> (rows, agree fraction).
+    A rough, one-shot timing for the chapter; ``benchmarks/bench_flatmap.py`` measures properly."""
+    import time
+
+    from scipy.interpolate import LinearNDInterpolator
+
+    x = np.ascontiguousarray(frames, dtype=np.float32)
+    mapper.to_pixels(x[:4])  # compiles the kernel once (~0.5 s), as any first call in a process
+    t0 = time.perf_counter()
+    ours = mapper.to_pixels(x)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    theirs = LinearNDInterpolator(mapper.surface.coords, x.T)(mapper.pixel_centres()).T
+    t_theirs = time.perf_counter() - t0
+    same = float(np.isclose(ours, theirs, atol=atol).all(0).mean())
+    rows = [dict(method="FlatMapper.to_pixels", frames=len(x), seconds=t_ours, frames_per_s=len(x) / t_ours),
+            dict(method="LinearNDInterpolator (built per run)", frames=len(x), seconds=t_theirs,
+                 frames_per_s=len(x) / t_theirs)]
+    return rows, same

@@ -1,10 +1,10 @@
 """Frozen-feature probes: state decoding with a grid of heads, trait decoding with logistic CV.
 
-In: a frozen encoder and a clip loader (``extract_features``), or features already in memory
-(``Features``: named arrays, one row per clip, with labels and subject ids), plus a ``Split``
-from ``fmri_bench.splits``. Out: ``ProbeResult`` (state decoding) or ``TraitResult`` (traits).
+In: features in memory (``Features``: named arrays, one row per clip, with labels and subject
+ids; ``fmri_bench.harness.features`` extracts them) and the train / val / test rows of a split
+(``fmri_bench.splits``). Out: ``ProbeResult`` (state decoding) or ``TraitResult`` (traits).
 
-State decoding follows the flat-map MAE paper (PAPERS.md section 1, "Probes and benchmarks"):
+State decoding follows the flat-map MAE paper (arXiv 2510.13768, "Probes and benchmarks"):
 representations ``cls`` and ``avg_patch`` (N, D) get linear heads, ``patch`` tokens (N, L, D) get
 an attentive-pooling head (one learned query, multi-head cross-attention, then linear). A grid
 of heads over lr scale x weight decay is trained together, in one pass over the features per
@@ -34,7 +34,6 @@ from torch.func import functional_call, vmap
 
 from fmri_bench.errors import InputError
 from fmri_bench.results import mean_ci
-from fmri_bench.splits import Split
 
 REPRESENTATIONS = ("cls", "avg_patch", "patch")
 HEADS = ("linear", "attentive", "mlp")
@@ -83,90 +82,6 @@ class Features:
         z = np.load(path, allow_pickle=False)
         arrays = {k[2:]: z[k] for k in z.files if k.startswith("x_")}
         return cls(arrays, z["labels"], z["subjects"], z["keys"])
-
-
-def _as_list(v, n: int) -> list:
-    if v is None:
-        return [None] * n
-    if torch.is_tensor(v):
-        return v.tolist()
-    return list(v)
-
-
-def batch_clip_ids(batch: dict, b: int) -> list[str]:
-    """One id per clip: the run key, plus ``@start`` when the batch gives clip starts."""
-    keys = [str(x) for x in _as_list(batch.get("key"), b)]
-    starts = batch.get("start")
-    return keys if starts is None else [f"{k}@{s}" for k, s in zip(keys, _as_list(starts, b))]
-
-
-def batch_labels(batch: dict, label_key: str, b: int, label_map: dict | None) -> list[int]:
-    out = []
-    for x in _as_list(batch.get(label_key), b):
-        if x is None:
-            out.append(-1)
-        elif isinstance(x, str):
-            if label_map is None or x not in label_map:
-                raise InputError(f"clip label {x!r} is a string with no entry in label_map; pass "
-                                 "label_map={name: id} (or ClipDataset(label_map=...))")
-            out.append(int(label_map[x]))
-        else:
-            out.append(int(x))
-    return out
-
-
-def batch_subjects(batch: dict, ids: list[str], subject_of) -> list[str]:
-    if "subject" in batch:
-        return [str(s) for s in _as_list(batch["subject"], len(ids))]
-    if subject_of is not None:
-        return [str(subject_of(x.split("@")[0])) for x in ids]
-    raise InputError("loader batches carry no 'subject' and no subject_of(key) was given: "
-                     "subject-disjoint splits need a subject per clip")
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, loader, representations=REPRESENTATIONS, device="cpu",
-                     subject_of: Callable[[str], str] | None = None, label_key: str = "label",
-                     label_map: dict | None = None, max_batches: int | None = None) -> Features:
-    """Run a frozen encoder over a clip loader, without masking, and collect its features.
-
-    model: has ``forward_features(imgs (B, 1, T, H, W), mask) -> {"cls": (B, D),
-    "avg_patch": (B, D), "patch": (B, L, D)}`` (fmri_bench.models.mae).
-    loader: yields batches {"bold": (B, 1, T, H, W), "mask", "key": B str, "label"?: (B,),
-    "subject"?: B str} (a DataLoader over shards.ClipDataset with shards.collate). Without a
-    "subject" field, ``subject_of(run key) -> subject`` must be given: subject-disjoint splits
-    need it. String labels are mapped through ``label_map``. Clip ids are ``key@start``.
-    """
-    if not callable(getattr(model, "forward_features", None)):
-        raise InputError(f"{type(model).__name__} has no forward_features(imgs, mask): "
-                         "probes need an MAE encoder (fmri_bench.models.mae)")
-    was_training = model.training
-    model.eval()
-    chunks: dict[str, list] = {r: [] for r in representations}
-    labels, subjects, keys = [], [], []
-    try:
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            imgs = batch["bold"].to(device=device, dtype=torch.float32)
-            mask = batch["mask"].to(device) if torch.is_tensor(batch.get("mask")) else batch.get("mask")
-            out = model.forward_features(imgs, mask)
-            missing = [r for r in representations if r not in out]
-            if missing:
-                raise InputError(f"forward_features returned {sorted(out)}, missing {missing}")
-            for r in representations:
-                chunks[r].append(out[r].float().cpu().numpy())
-            ids = batch_clip_ids(batch, imgs.shape[0])
-            keys += ids
-            labels += batch_labels(batch, label_key, len(ids), label_map)
-            subjects += batch_subjects(batch, ids, subject_of)
-    finally:
-        model.train(was_training)
-    if not keys:
-        raise InputError("the clip loader yielded no batches")
-    arrays = {r: np.concatenate(chunks[r]) for r in representations}
-    return Features(arrays, np.asarray(labels, dtype=np.int64), np.asarray(subjects),
-                    np.asarray(keys))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,49 +400,6 @@ def train_probe(x_train, y_train, x_val, y_val, x_test=None, y_test=None, head: 
         n_train=len(y_train), n_val=len(y_val), n_test=len(y_test),
         seconds=time.perf_counter() - t0, heads=grid, best_index=best,
     )
-
-
-def probe_features(features: Features, split: Split, representations=None,
-                   cfg: ProbeConfig | None = None, n_classes: int | None = None,
-                   heads: dict[str, str] | None = None) -> dict[str, ProbeResult]:
-    """Grid-probe each representation on one split -> {representation: ProbeResult}.
-
-    ``heads`` overrides the head per representation (default: linear for (N, D), attentive
-    for (N, L, D)).
-    """
-    representations = list(representations or [r for r in REPRESENTATIONS if r in features.arrays])
-    y = features.labels
-    if n_classes is None:
-        n_classes = int(y.max()) + 1
-    out = {}
-    for r in representations:
-        x = features[r]
-        tr, va, te = split.train, split.val, split.test
-        out[r] = train_probe(x[tr], y[tr], x[va], y[va], x[te], y[te],
-                             head=(heads or {}).get(r), n_classes=n_classes, cfg=cfg,
-                             representation=r)
-    return out
-
-
-def probe_splits(features: Features, splits: list[Split], representations=None,
-                 cfg: ProbeConfig | None = None, n_classes: int | None = None,
-                 heads: dict[str, str] | None = None) -> dict[str, list[ProbeResult]]:
-    """``probe_features`` over several splits (re-splits or folds) -> {representation: [result]}."""
-    out: dict[str, list[ProbeResult]] = {}
-    for split in splits:
-        for r, res in probe_features(features, split, representations, cfg, n_classes, heads).items():
-            out.setdefault(r, []).append(res)
-    return out
-
-
-def probe_record(task: str, method: str, results: list[ProbeResult], ceiling: float | None = None,
-                 source: str = "synthetic", metric: str = "accuracy"):
-    """results.Record of test scores over splits: mean, 95 % CI, mean majority-class chance."""
-    from fmri_bench.results import summarize
-
-    key = {"accuracy": "test_acc", "balanced_accuracy": "test_balanced_acc"}[metric]
-    return summarize(task, method, [getattr(r, key) for r in results], metric=metric, source=source,
-                     chance=float(np.mean([r.chance for r in results])), ceiling=ceiling)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def paper_record(task: str, method: str, value: float, metric: str = "accuracy",
     return Record(task, method, value, math.nan, math.nan, 0, metric, "paper", chance, None, [], notes)
 
 
-# CortexMAE / Brainmarks frozen test accuracy, HCP 21-class task state (PAPERS.md section 1).
+# CortexMAE / Brainmarks frozen test accuracy, HCP 21-class task state (the CortexMAE / Brainmarks
+# analysis of the flat-map line, not arXiv 2510.13768 itself).
 PAPER_HCP_TASK21 = {
     "CortexMAE flat map": 0.990, "CortexMAE parcel": 0.977, "parcel MLP baseline": 0.943,
     "FC linear baseline": 0.824, "chance": 0.169,
@@ -91,7 +92,7 @@ def paper_records_task21() -> list[Record]:
 
 
 def write_results(records: list[Record], path) -> Path:
-    text = json.dumps([_clean(asdict(r)) for r in records], indent=1)
+    text = json.dumps([_clean(asdict(r)) for r in records], indent=1, allow_nan=False)
     return atomic_save(lambda tmp: tmp.write_text(text), path)
 
 
@@ -101,21 +102,47 @@ def read_results(path) -> list[Record]:
                       for k, v in row.items()}) for row in rows]
 
 
-def _clean(d: dict) -> dict:
-    # JSON has no NaN: write null
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+def _clean(v):
+    """JSON has no NaN: null, also inside lists."""
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def _pct(x) -> str:
-    return "" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
+def _pct(x):
+    return None if x is None or not math.isfinite(x) else round(100 * x, 1)
+
+
+def table_rows(records: list[Record]) -> list[dict]:
+    """Records -> the one table format of the book and the CLI: flat rows, scores in percent
+    (one decimal), the CI cut to [0, 100] (a t interval over few splits can leave it)."""
+    def ci(r):
+        return f"[{_pct(max(r.ci_low, 0.0))}, {_pct(min(r.ci_high, 1.0))}]" if r.n > 1 else ""
+
+    return [{"task": r.task, "method": r.method, "source": r.source, "metric": r.metric,
+             "mean %": _pct(r.mean), "95% CI": ci(r), "n": r.n, "chance %": _pct(r.chance),
+             "ceiling %": _pct(r.ceiling), "notes": r.notes} for r in records]
+
+
+def _cell_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """rows (dicts) -> a GitHub-flavoured markdown table; floats to 4 significant digits."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell_text(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def to_markdown(records: list[Record]) -> str:
-    """Markdown table, one row per record; scores in percent, CI in brackets."""
-    lines = ["| task | method | source | metric | mean | 95% CI | n | chance | ceiling |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        ci = f"[{_pct(r.ci_low)}, {_pct(r.ci_high)}]" if r.n > 1 else ""
-        lines.append(f"| {r.task} | {r.method} | {r.source} | {r.metric} | {_pct(r.mean)} | {ci} | "
-                     f"{r.n or ''} | {_pct(r.chance)} | {_pct(r.ceiling)} |")
-    return "\n".join(lines)
+    """Records as a markdown table (``markdown_table`` of ``table_rows``)."""
+    return markdown_table(table_rows(records))

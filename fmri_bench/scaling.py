@@ -5,7 +5,7 @@ run trained on N. Out: ``PowerLawFit`` objects with parameters, bootstrap confid
 intervals and R^2, and a log-log plot with the paper's fits beside ours.
 
 Two forms:
-- ``fit_paper``: ``L = (N / a)^b``, the paper's form (PAPERS.md section 1, "Scaling law"),
+- ``fit_paper``: ``L = (N / a)^b``, the paper's form (arXiv 2510.13768 v2, scaling law),
   an ordinary least-squares line in log-log space: ``log L = b log N - b log a``.
 - ``fit_offset``: ``L = L_inf + (N / N_c)^-alpha``, a power law that saturates at an
   irreducible loss, fitted by nonlinear least squares on ``log L`` (scipy
@@ -349,14 +349,14 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
               progress: bool = False) -> SweepResult:
     """Pretrain at each size (and repeat), record the best val / val-OOD loss, fit both laws.
 
-    shards: {"train", "val", "val_ood"} shard directories (``train.pretraining_shards``); the
+    shards: {"train", "val", "val_ood"} shard directories (``harness.cohort_shards``); the
     sizes count training subjects (``unit="subjects"``) or runs (``unit="runs"``, for cohorts
     too small for four subject counts). train_overrides: TrainConfig fields (steps, batch_size,
     model, ...). Each point lives in ``out_dir/n{size}_r{repeat}``: a finished point
     (``result.json`` with the same subset and config) is read back, an interrupted one resumes
     from its checkpoint. -> SweepResult; also written to ``out_dir/sweep.json``.
     """
-    from fmri_bench.decoding import scan_runs
+    from fmri_bench.harness.datasets import scan_runs
     from fmri_bench.train import TrainConfig, train
 
     if unit not in ("subjects", "runs"):

@@ -4,7 +4,7 @@ In: one subject id per sample (a clip) and, optionally, one family id per sample
 siblings share a family; without families every subject is its own family). Out: a ``Split``,
 three arrays of sample indices such that no subject and no family appears in two of them, so a
 probe never sees a relative of a test subject (the upstream HCP split groups families with
-``GroupKFold``; PAPERS.md section 1).
+``GroupKFold`` into 20 batches, arXiv 2510.13768 and MedARC-AI/fmri-fm).
 
 - ``subject_split``: one random split (sklearn ``GroupShuffleSplit`` on family id), from a seed.
 - ``resplits``: many such splits from one seed, for means and CIs over re-splits (Brainmarks).

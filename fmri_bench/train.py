@@ -20,7 +20,6 @@ rank's data position (epoch, batches consumed); the clip streams are determinist
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -30,18 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 
+from fmri_bench import distributed
 from fmri_bench.errors import InputError
-from fmri_bench.models.mae import (
-    CHECKPOINT_FORMAT,
-    MaskedAutoencoderViT,
-    build_model,
-    check_keys,
-    save_checkpoint,
-)
-from fmri_bench.paths import atomic_save
+from fmri_bench.grid import downsample
+from fmri_bench.models.mae import CHECKPOINT_FORMAT, MaskedAutoencoderViT, check_keys, preset_config
+from fmri_bench.rundir import RunDir, read_metrics, rng_state, set_rng_state
+from fmri_bench.streams import ShardStream, SyntheticClips, SyntheticStream, val_batches
 
 # keys that change how a run is observed, not what it computes: they may differ on --resume
 OPERATIONAL_KEYS = ("log_every", "eval_every", "ckpt_every", "progress", "figures", "compile", "num_threads")
@@ -141,7 +136,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
                 raise InputError(f"override {item!r}: {parent!r} is not a section")
         node[leaf] = yaml.safe_load(value)
     cfg = TrainConfig.from_dict(d, None if path is None else os.fspath(path))
-    build_model(cfg.model, **cfg.model_overrides)  # fail now on a bad model key, not mid-run
+    preset_config(cfg.model, **cfg.model_overrides)  # fail now on a bad model key, not mid-run
     return cfg
 
 
@@ -161,278 +156,6 @@ def param_groups(model: MaskedAutoencoderViT, weight_decay: float) -> list[dict]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# --- data ------------------------------------------------------------------------------------
-class SyntheticClips:
-    """Deterministic in-memory flat-map clips for tests and benchmarks: clip ``i`` of a site is a
-    function of (seed, site, i) only, so any split over ranks sees the same global batches.
-
-    Two ellipses stand in for the hemispheres; each clip mixes ``n_networks`` fixed smooth spatial
-    maps (shared by all sites) with random smooth time courses, plus noise; a site changes the
-    noise level and the time scale. Frames are z-scored over the mask and clipped at +-3, like
-    real clips. ``clip(i)`` -> bold (1, T, H, W) float32, mask (H, W) bool.
-    """
-
-    def __init__(self, img_size: tuple[int, int], num_frames: int, seed: int = 0, site: int = 0,
-                 n_networks: int = 8):
-        H, W = img_size
-        self.num_frames, self.seed, self.site = num_frames, seed, site
-        yy, xx = np.meshgrid(np.linspace(-1, 1, H), np.linspace(-1, 1, W), indexing="ij")
-        def ellipse(cx):
-            return ((xx - cx) / 0.45) ** 2 + (yy / 0.85) ** 2 < 1
-
-        self.mask = ellipse(-0.5) | ellipse(0.5)
-        rng = np.random.default_rng((seed, 7))
-        maps = []
-        for _ in range(n_networks):
-            m = np.zeros((H, W))
-            for cx, cy, s in zip(rng.uniform(-0.9, 0.9, 3), rng.uniform(-0.8, 0.8, 3), rng.uniform(0.1, 0.3, 3)):
-                m += rng.choice([-1, 1]) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s ** 2))
-            maps.append(m * self.mask)
-        self.maps = torch.from_numpy(np.stack(maps).reshape(n_networks, -1).astype(np.float32))  # (K, H*W)
-        self.mask = torch.from_numpy(self.mask)
-        self.mask_flat = self.mask.reshape(-1)
-        self.noise = (0.3, 0.6)[site % 2]
-        self.timescale = (4.0, 2.0)[site % 2]
-
-    def clip(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        seed = int(np.random.SeedSequence((self.seed, self.site, int(i))).generate_state(1, np.uint64)[0] >> 1)
-        g = torch.Generator().manual_seed(seed)
-        K, T = self.maps.shape[0], self.num_frames
-        drive = torch.randn(K, 1, T + 7, generator=g)
-        kernel = torch.exp(-torch.arange(8.0) / self.timescale).flip(0).view(1, 1, 8)
-        courses = torch.nn.functional.conv1d(drive, kernel)[:, 0].T  # (T, K) smooth time courses
-        x = courses @ self.maps + self.noise * torch.randn(T, self.maps.shape[1], generator=g)
-        inside = x[:, self.mask_flat]
-        x = (x - inside.mean(1, keepdim=True)) / inside.std(1, keepdim=True)
-        x = x.clamp(-3, 3) * self.mask_flat
-        return x.reshape(1, T, *self.mask.shape), self.mask
-
-    def batch(self, indices) -> dict:
-        clips = [self.clip(i) for i in indices]
-        return {"bold": torch.stack([c[0] for c in clips]), "mask": torch.stack([c[1] for c in clips]),
-                "key": [f"synthetic-site{self.site}-{i}" for i in indices]}
-
-
-class SyntheticStream:
-    """This rank's slice of each global batch of ``SyntheticClips``; position = batches taken."""
-
-    def __init__(self, source: SyntheticClips, batch_size: int, rank: int = 0, world_size: int = 1,
-                 offset: int = 0):
-        self.source, self.B, self.rank, self.world, self.offset = source, batch_size, rank, world_size, offset
-        self.epoch, self.position = 0, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        b = self.B // self.world
-        start = self.offset + self.position * self.B + self.rank * b
-        self.position += 1
-        return self.source.batch(range(start, start + b))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-class ShardStream:
-    """Endless batches of random clips from this rank's shards, epoch after epoch.
-
-    Epoch ``e`` is ``ClipDataset(..., seed, shuffle=True).set_epoch(e)``: deterministic, so the
-    position (epoch, batches consumed) is enough to resume exactly (consumed batches replayed).
-    """
-
-    def __init__(self, urls: list[str], clip_len: int, batch_size: int, seed: int, rank: int, world_size: int,
-                 num_workers: int = 0, oversample: float = 4.0, shuffle_buffer: int = 256, downsample: int = 1):
-        from fmri_bench.shards import ClipDataset
-
-        try:
-            self.dataset = ClipDataset(urls, clip_len=clip_len, mode="random", oversample=oversample, seed=seed,
-                                       shuffle=True, buffer_size=shuffle_buffer, rank=rank, world_size=world_size,
-                                       downsample=downsample)
-        except ValueError as err:
-            raise InputError(f"training shards: {err}") from None
-        self.batch_size, self.num_workers, self.rank = batch_size, num_workers, rank
-        self.epoch, self.position = 0, 0
-        self._it = None
-
-    def __iter__(self):
-        return self
-
-    def _open(self):
-        from torch.utils.data import DataLoader
-
-        from fmri_bench.shards import collate
-
-        self.dataset.set_epoch(self.epoch)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                            collate_fn=collate, drop_last=True)
-        it = iter(loader)
-        for i in range(self.position):  # replay what the checkpointed run consumed
-            if next(it, None) is None:
-                raise InputError(f"cannot resume: epoch {self.epoch} of rank {self.rank} now has {i} batches, "
-                                 f"the checkpoint consumed {self.position} (did the shards change?)")
-        return it
-
-    def __next__(self) -> dict:
-        while True:
-            if self._it is None:
-                self._it = self._open()
-            try:
-                batch = next(self._it, None)
-            except ValueError as err:  # a bad sample or grid, found while reading
-                raise InputError(f"training shards: {err}") from None
-            if batch is not None:
-                self.position += 1
-                return batch
-            if self.position == 0:
-                raise InputError(f"rank {self.rank} got no full batch of {self.batch_size} clips from its shards "
-                                 f"({len(self.dataset.shards)} shards in all): add shards or lower batch_size")
-            self.epoch, self.position, self._it = self.epoch + 1, 0, None
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self._it = int(state["epoch"]), int(state["position"]), None
-
-
-def val_batches(cfg: TrainConfig, which: str, model_cfg) -> list[dict] | None:
-    """The fixed validation batches ``which`` = "val" (same site) or "val_ood" (second site)."""
-    n, b = cfg.data.val_batches, cfg.batch_size
-    T, (H, W), ds = model_cfg.num_frames, model_cfg.img_size, cfg.data.downsample
-    if cfg.data.synthetic:
-        site = 0 if which == "val" else 1
-        stream = SyntheticStream(SyntheticClips((H * ds, W * ds), T, cfg.seed, site), b, offset=10 ** 9)
-        return [next(stream) for _ in range(n)]
-    urls = cfg.data.val_urls if which == "val" else cfg.data.val_ood_urls
-    if not urls:
-        return None
-    from torch.utils.data import DataLoader
-
-    from fmri_bench.shards import ClipDataset, collate
-
-    try:
-        ds_ = ClipDataset(urls, clip_len=T, mode="sequential", seed=cfg.seed, rank=0, world_size=1, downsample=ds)
-    except ValueError as err:
-        raise InputError(f"{which} shards: {err}") from None
-    out = []
-    for batch in DataLoader(ds_, batch_size=b, collate_fn=collate):
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
-
-
-def downsample(bold: torch.Tensor, mask: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """bold (N, C, T, H, W), mask (N, H, W) -> pooled by ``factor`` in space: the mean of the brain
-    pixels of each block; a block is brain if any of its pixels is."""
-    if factor == 1:
-        return bold, mask
-    N, C, T, H, W = bold.shape
-    if H % factor or W % factor:
-        raise InputError(f"flat map {H} x {W} is not divisible by data.downsample={factor}")
-    m = mask.to(bold.dtype)[:, None, None]
-    pool = torch.nn.functional.avg_pool3d
-    num = pool((bold * m).reshape(N, C * T, 1, H, W), (1, factor, factor)).reshape(N, C, T, H // factor, W // factor)
-    den = pool(m.reshape(N, 1, 1, H, W), (1, factor, factor)).reshape(N, 1, 1, H // factor, W // factor)
-    return num / den.clamp_min(1e-6), den[:, 0, 0] > 0
-
-
-# --- distributed -----------------------------------------------------------------------------
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(cfg: TrainConfig) -> _Dist:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: NCCL with one GPU per rank, else gloo."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if world == 1:
-        return _Dist(device=torch.device("cuda" if want_cuda else cfg.device if cfg.device != "auto" else "cpu"))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
-    if want_cuda:
-        torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), device, owns)
-
-
-# --- run directory ---------------------------------------------------------------------------
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        if not prefix and key in OPERATIONAL_KEYS:
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> Path | None:
-    """Create / check the run directory; returns the checkpoint to resume from, if any."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path, ckpt = run_dir / "config.yaml", run_dir / "checkpoint.pt"
-    new = cfg.to_dict()
-    if cfg_path.exists():
-        old = yaml.safe_load(cfg_path.read_text()) or {}
-        diff = _config_diff(old, new)
-        if diff:
-            raise InputError("run directory holds a run with a different config (" + "; ".join(diff[:5])
-                             + "): use a new --run-dir, or the same config to resume", run_dir)
-    if ckpt.exists() and not resume:
-        raise InputError("run directory already holds a checkpoint: pass --resume to continue it, "
-                         "or use a new --run-dir", run_dir)
-    atomic_save(lambda tmp: tmp.write_text(yaml.safe_dump(new, sort_keys=False)), cfg_path)
-    return ckpt if (resume and ckpt.exists()) else None
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of ``metrics.jsonl``: train records have ``loss``, eval records ``val_loss``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _rng_state(mask_gen: torch.Generator) -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "python": random.getstate(),
-        "mask": mask_gen.get_state(),
-    }
-
-
-def _set_rng_state(state: dict, mask_gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    mask_gen.set_state(state["mask"])
-
-
-# --- the loop --------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: MaskedAutoencoderViT, batches: list[dict], seed: int, ds: int, device, amp_dtype) -> float:
     """Mean masked-patch MSE over fixed batches, with a fixed masking draw (comparable over steps)."""
@@ -462,6 +185,25 @@ def _recon_figure(model, batch, ds, seed, device, path: Path, step: int) -> None
     fig.savefig(path, dpi=80)
 
 
+def _pooled(batch: dict, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return downsample(batch["bold"], batch["mask"], factor)
+    except ValueError as err:
+        raise InputError(f"{err} (data.downsample)") from None
+
+
+def train_stream(cfg: TrainConfig, mcfg, dd: distributed.Distributed):
+    """This rank's endless stream of training batches (shards, or in-memory synthetic clips)."""
+    ds = cfg.data.downsample
+    if cfg.data.synthetic:
+        src = SyntheticClips((mcfg.img_size[0] * ds, mcfg.img_size[1] * ds), mcfg.num_frames, cfg.seed, site=0)
+        return SyntheticStream(src, cfg.batch_size, dd.rank, dd.world)
+    if not cfg.data.train_urls:
+        raise InputError("no training data: set data.train_urls (shards) or data.synthetic=true")
+    return ShardStream(cfg.data.train_urls, mcfg.num_frames, cfg.batch_size // dd.world, cfg.seed, dd.rank,
+                       dd.world, cfg.num_workers, cfg.data.oversample, cfg.data.shuffle_buffer, ds)
+
+
 def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bool = False,
           stop_at: int | None = None) -> dict:
     """Pretrain ``cfg.model`` for ``cfg.steps`` updates -> metrics dict.
@@ -474,87 +216,60 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    dd = _setup_distributed(cfg)
+    dd = distributed.setup(cfg.device)
     if cfg.batch_size % dd.world:
         raise InputError(f"batch_size {cfg.batch_size} is not divisible by the {dd.world} ranks")
     device, b_local = dd.device, cfg.batch_size // dd.world
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(
         cfg.precision, torch.bfloat16 if device.type == "cuda" else None)
+    autocast = dict(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
+    # model, optimiser, data
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model = build_model(cfg.model, **cfg.model_overrides).to(device)
+    model = MaskedAutoencoderViT(preset_config(cfg.model, **cfg.model_overrides)).to(device)
     mcfg = model.config
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=True)  # one pass over the parameters (CPU and CUDA)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1)  # same draws on every rank: one global batch
+    stream = train_stream(cfg, mcfg, dd)
+    # shard clips come pooled from ClipDataset(downsample=...); synthetic batches are pooled here
+    batch_ds = cfg.data.downsample if cfg.data.synthetic else 1
 
-    ds = cfg.data.downsample
-    # shard clips come pooled from ClipDataset(downsample=ds); synthetic batches are pooled here
-    batch_ds = ds if cfg.data.synthetic else 1
-    if cfg.data.synthetic:
-        src = SyntheticClips((mcfg.img_size[0] * ds, mcfg.img_size[1] * ds), mcfg.num_frames, cfg.seed, site=0)
-        stream = SyntheticStream(src, cfg.batch_size, dd.rank, dd.world)
-    else:
-        if not cfg.data.train_urls:
-            raise InputError("no training data: set data.train_urls (shards) or data.synthetic=true")
-        stream = ShardStream(cfg.data.train_urls, mcfg.num_frames, b_local, cfg.seed, dd.rank, dd.world,
-                             cfg.num_workers, cfg.data.oversample, cfg.data.shuffle_buffer, ds)
-
+    # run directory and resume
+    run = RunDir(run_dir, cfg.to_dict(), resume, OPERATIONAL_KEYS) if run_dir is not None and dd.main else None
+    resume_from = dd.broadcast(None if run is None or run.resume_from is None else str(run.resume_from))
     step, history = 0, []
-    run_path = Path(run_dir) if run_dir is not None else None
-    metrics_path = run_path / "metrics.jsonl" if run_path else None
-    ckpt_path = None
-    if run_path is not None:
-        if dd.main:
-            ckpt_path = _prepare_run_dir(run_path, cfg, resume)
-        if dd.world > 1:
-            box = [None if ckpt_path is None else str(ckpt_path)]
-            dist.broadcast_object_list(box, src=0)
-            ckpt_path = None if box[0] is None else Path(box[0])
-    if ckpt_path is not None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if resume_from is not None:
+        ckpt = torch.load(resume_from, map_location="cpu", weights_only=True)
         state = ckpt["train"]
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], mask_gen)
+        set_rng_state(state["rng"], mask_gen)
         if len(state["data"]) != dd.world:
             raise InputError(f"checkpoint was written by {len(state['data'])} ranks, this run has {dd.world}: "
-                             "resume with the same number of processes", ckpt_path)
+                             "resume with the same number of processes", resume_from)
         stream.load_state_dict(state["data"][dd.rank])
         step = int(state["step"])
-        if dd.main:  # drop what a killed run logged after its last checkpoint
-            history = [r for r in read_metrics(run_path) if r["step"] <= step]
-    if dd.main and metrics_path is not None:
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        if run is not None:
+            history = [r for r in read_metrics(run.path) if r["step"] <= step]
+    if run is not None:
+        run.restart_metrics(history)
+
+    def log(record: dict) -> None:
+        history.append(record)
+        if run is not None:
+            run.log(record)
 
     val = {k: val_batches(cfg, k, mcfg) for k in ("val", "val_ood")} if dd.main else {}
     net = model
     if dd.world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-
-    def log(record: dict) -> None:
-        history.append(record)
-        if metrics_path is not None:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def checkpoint() -> None:
-        data_states = [stream.state_dict()]
-        if dd.world > 1:
-            data_states = [None] * dd.world
-            dist.all_gather_object(data_states, stream.state_dict())
-        if dd.main and run_path is not None:
-            save_checkpoint(run_path / "checkpoint.pt", {
-                "format": CHECKPOINT_FORMAT, "config": mcfg.to_dict(), "state_dict": model.state_dict(),
-                "train": {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                          "rng": _rng_state(mask_gen), "data": data_states, "train_config": cfg.to_dict()}})
 
     from tqdm.auto import tqdm
 
@@ -563,19 +278,20 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
     window_loss, window_n, t0, clips_s = torch.zeros((), device=device), 0, time.perf_counter(), float("nan")
     model.train()
     while step < cfg.steps:
+        # one update
         batch = next(stream)
-        bold, mask = downsample(batch["bold"], batch["mask"], batch_ds)
+        bold, mask = _pooled(batch, batch_ds)
         try:
             model.check_inputs(bold[:1], mask[:1])
         except InputError as err:
-            raise InputError(f"clip {batch['key'][0]!r} (after data.downsample={ds}): {err.problem}; "
-                             "set model_overrides.img_size / num_frames or data.downsample to match the data"
-                             ) from None
+            raise InputError(f"clip {batch['key'][0]!r} (after data.downsample={cfg.data.downsample}): "
+                             f"{err.problem}; set model_overrides.img_size / num_frames or data.downsample "
+                             "to match the data") from None
         noise = model.draw_noise(cfg.batch_size, mask_gen)[dd.rank * b_local:(dd.rank + 1) * b_local]
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.autocast(**autocast):
             loss, _, _ = net(bold.to(device, non_blocking=True), mask.to(device, non_blocking=True),
                              noise=noise.to(device))
         scaler.scale(loss).backward()
@@ -587,43 +303,39 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
         step += 1
         window_loss += loss.detach().float()
         window_n += 1
+        bar.update(1)
 
+        # log, evaluate, checkpoint
         if step % cfg.log_every == 0 or step == cfg.steps:
-            if dd.world > 1:
-                dist.all_reduce(window_loss)
-                window_loss /= dd.world
-            train_loss = float(window_loss) / window_n
+            train_loss = float(dd.mean(window_loss)) / window_n
             clips_s = window_n * cfg.batch_size / (time.perf_counter() - t0)
             if dd.main:
                 log({"step": step, "loss": train_loss, "lr": lr, "clips_s": clips_s})
                 bar.set_postfix(loss=f"{train_loss:.4f}", clips_s=f"{clips_s:.1f}")
             window_loss.zero_()
             window_n, t0 = 0, time.perf_counter()
-        bar.update(1)
-
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             if dd.main:
-                rec = {"step": step}
-                for name, batches in val.items():
-                    if batches:
-                        rec[f"{name}_loss"] = evaluate(model, batches, cfg.seed + 2, batch_ds, device, amp_dtype)
-                log(rec)
-                fig_batch = val["val"][0] if val.get("val") else batch
-                if run_path is not None and cfg.figures:
-                    _recon_figure(model, fig_batch, batch_ds, cfg.seed + 3, device,
-                                  run_path / "figures" / f"recon_{step:06d}.png", step)
-            if dd.world > 1:
-                dist.barrier()
+                log({"step": step, **{f"{name}_loss": evaluate(model, batches, cfg.seed + 2, batch_ds, device, amp_dtype)
+                                      for name, batches in val.items() if batches}})
+                if run is not None and cfg.figures:
+                    _recon_figure(model, val["val"][0] if val.get("val") else batch, batch_ds, cfg.seed + 3, device,
+                                  run.path / "figures" / f"recon_{step:06d}.png", step)
+            dd.barrier()
             t0 = time.perf_counter()
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-            checkpoint()
+            data_states = dd.gather(stream.state_dict())
+            if run is not None:
+                run.save_checkpoint({
+                    "format": CHECKPOINT_FORMAT, "config": mcfg.to_dict(), "state_dict": model.state_dict(),
+                    "train": {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                              "rng": rng_state(mask_gen), "data": data_states, "train_config": cfg.to_dict()}})
         if stop_at is not None and step >= stop_at:
             break
     bar.close()
-    if dd.main and run_path is not None and step == cfg.steps:
-        model.save_pretrained(run_path / "model.pt")
-    if dd.owns_group:
-        dist.destroy_process_group()
+    if run is not None and step == cfg.steps:
+        model.save_pretrained(run.path / "model.pt")
+    dd.close()
 
     train_recs = [r for r in history if "loss" in r]
     evals = [r for r in history if "val_loss" in r or "val_ood_loss" in r]
@@ -633,47 +345,70 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
             "clips_per_s": clips_s, "history": history}
 
 
-# --- data for the chapter --------------------------------------------------------------------
-def pretraining_shards(cohort_dir: str | os.PathLike, out: str | os.PathLike | None = None, val_frac: float = 0.25,
-                       seed: int = 0, progress: bool = False) -> dict[str, str]:
-    """Flat-map shards of a simulated cohort (``fmri_bench.synth``) split for pretraining.
+def tiny_config(shards: dict, steps: int, batch_size: int = 8, base_lr: float = 1e-2, seed: int = 0,
+                val_batches: int = 2, **operational) -> TrainConfig:
+    """The tiny MAE on a cohort's ``{"train", "val", "val_ood"}`` shards (``harness.cohort_shards``),
+    pooled 2 x 2 to 112 x 280, warm-up over the first 10 % of the steps. ``operational``: any of
+    ``OPERATIONAL_KEYS`` (how the run is observed; defaults: log 20, evaluate and checkpoint 5
+    times, no progress bar)."""
+    bad = sorted(set(operational) - set(OPERATIONAL_KEYS))
+    if bad:
+        raise InputError(f"tiny_config: {bad} are not operational settings ({', '.join(OPERATIONAL_KEYS)})")
+    return TrainConfig.from_dict(dict(
+        model="mae_vit_tiny", seed=seed, batch_size=batch_size, steps=steps, base_lr=base_lr,
+        warmup_steps=max(1, steps // 10),
+        **{"eval_every": max(1, steps // 5), "ckpt_every": max(1, steps // 5), "log_every": max(1, steps // 20),
+           "progress": False, **operational},
+        data=dict(train_urls=[shards["train"]], val_urls=[shards["val"]],
+                  val_ood_urls=[shards["val_ood"]], downsample=2, val_batches=val_batches)))
 
-    In-distribution = the site with the most subjects: its subjects are split (by subject, seeded)
-    into ``train`` and ``val``; every other site is ``val_ood``. Each split is flattened
-    (``fmri_bench.convert.flatten``) into ``out/<split>`` once and reused afterwards (default
-    ``out``: ``paths.data_dir() / "pretrain_shards" / <cohort directory name>``).
-    -> {"train": dir, "val": dir, "val_ood": dir}, ready for ``data.train_urls`` etc.
+
+# published figures behind the paper-run budget (arXiv 2510.13768 and MedARC-AI/fmri-fm): ~77.8k
+# brain pixels on upstream's 1.2 mm grid, 625k steps at batch 32 on one H100
+UPSTREAM_MASK_PIXELS = 77_800
+H100_BF16_FLOPS = 989e12  # dense bf16 peak
+
+
+def paper_budget(model: str = "mae_vit_base", steps: int = 625_000, batch_size: int = 32,
+                 mask_pixels: int = UPSTREAM_MASK_PIXELS, peak_flops: float = H100_BF16_FLOPS,
+                 utilisation: float = 0.4) -> list[dict]:
+    """What the paper's pretraining run costs: FLOPs (training ~ 3x the analytic forward), GPU
+    hours at ``utilisation`` of ``peak_flops``, the loader rate it needs and the bytes it reads
+    (float16 brain pixels). -> rows {what, value}."""
+    from fmri_bench.models.mae import forward_flops
+
+    cfg = preset_config(model)
+    train_flop = 3 * forward_flops(cfg)  # per clip
+    clips = batch_size * steps
+    rate = peak_flops * utilisation
+    return [dict(what="ViT-B train GFLOP per clip", value=round(train_flop / 1e9, 1)),
+            dict(what="paper run: clips seen (M)", value=clips / 1e6),
+            dict(what="paper run: EFLOP", value=round(train_flop * clips / 1e18, 2)),
+            dict(what=f"H100 hours of compute at {utilisation:.0%} of bf16 peak",
+                 value=round(train_flop * clips / rate / 3600, 1)),
+            dict(what="clips/s the loader must feed at that rate", value=round(rate / train_flop)),
+            dict(what="data read as float16 (TB)", value=round(clips * cfg.num_frames * mask_pixels * 2 / 1e12, 1))]
+
+
+def pretrained_model(cohort, steps: int = 300, batch_size: int = 8, seed: int = 0,
+                     out=None, base_lr: float = 1e-2) -> Path:
+    """The tiny MAE pretrained on a cohort's training subjects (``harness.cohort_shards``),
+    trained once per (cohort, steps, batch, base_lr, seed) and cached under
+    ``paths.data_dir() / "models"``; resumes an interrupted run. -> path of ``model.pt``.
+
+    base_lr 1e-2 (lr = base_lr x batch / 256 = 3.1e-4 at batch 8): measured on the synthetic book
+    cohort, 3000 steps at batch 8 reach a validation loss of 0.668 with 1e-2 and 0.739 with the
+    MAE default 1e-3 (lr 3.1e-5), which barely leaves the predict-zero plateau.
     """
-    from fmri_bench.convert import flatten
+    from fmri_bench.harness.datasets import cohort_shards
     from fmri_bench.paths import data_dir
-    from fmri_bench.synth import load_ground_truth
 
-    cohort_dir = Path(cohort_dir)
-    out = Path(out) if out is not None else data_dir() / "pretrain_shards" / cohort_dir.name
-    gt, _ = load_ground_truth(cohort_dir)
-    runs = [r for r in gt["runs"] if r.get("path")]
-    if not runs:
-        raise InputError("the cohort has no CIFTI runs (a streamed profile? its shards are already flat maps)",
-                         cohort_dir)
-    site_of = {r["subject"]: r["site"] for r in runs}
-    sites = sorted(set(site_of.values()), key=lambda s: (-list(site_of.values()).count(s), s))
-    home = sorted(s for s, site in site_of.items() if site == sites[0])
-    rng = np.random.default_rng(seed)
-    n_val = max(1, int(round(val_frac * len(home))))
-    val_subjects = set(rng.permutation(home)[:n_val].tolist())
-    split_of = {s: ("val_ood" if site_of[s] != sites[0] else "val" if s in val_subjects else "train")
-                for s in site_of}
-    dirs = {}
-    for split in ("train", "val", "val_ood"):
-        inputs = [str(cohort_dir / r["path"]) for r in runs if split_of[r["subject"]] == split]
-        dirs[split] = str(out / split)
-        done = out / split / "inputs.json"
-        if done.exists() and json.loads(done.read_text()) == inputs:
-            continue
-        if not inputs:
-            raise InputError(f"no subjects for the {split} split (the cohort has sites {sites})", cohort_dir)
-        summary = flatten(inputs, out / split, progress=progress, shard_size=8, overwrite=True)
-        if summary.failed:
-            raise InputError(f"{len(summary.failed)} runs failed to flatten for {split}", out / split)
-        done.write_text(json.dumps(inputs))
-    return dirs
+    cohort = Path(cohort)
+    run = Path(out) if out else (data_dir() / "models"
+                                 / f"{cohort.name}-tiny-s{steps}-b{batch_size}-lr{base_lr:g}-seed{seed}")
+    if (run / "model.pt").is_file():
+        return run / "model.pt"
+    cfg = tiny_config(cohort_shards(cohort, seed=seed), steps=steps, batch_size=batch_size, base_lr=base_lr,
+                      seed=seed, figures=False)
+    train(cfg, run, resume=True)
+    return run / "model.pt"

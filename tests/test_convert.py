@@ -21,7 +21,8 @@ from fmri_bench.cli import main
 from fmri_bench.errors import InputError
 from fmri_bench.io import FSLR_N_CORTEX, write_cifti, write_gifti
 from fmri_bench.preprocess import resample_tr, zscore_time
-from fmri_bench.shards import ClipDataset, iter_samples
+from fmri_bench.clips import ClipDataset
+from fmri_bench.shards import iter_samples
 
 V = FSLR_N_CORTEX
 ROOT = Path(__file__).resolve().parents[1]

@@ -200,8 +200,9 @@ def test_preprocess_refusals(rng):
 
 def test_preprocess_with_real_mapper(rng):
     """fsaverage5 on a coarse grid with the real FlatMapper: pixels agree with its operator."""
-    flatmap = pytest.importorskip("fmri_bench.flatmap")
-    mapper = flatmap.FlatMapper("fsaverage5", pixel_size=4.0)
+    from fmri_bench.flatmap import FlatMapper
+
+    mapper = FlatMapper("fsaverage5", pixel_size=4.0)
     data = rng.standard_normal((12, mapper.n_vertices)).astype(np.float32)
     bold, tr_out = preprocess_run(Run(data, "fsaverage5", 1.5, "x.nii.gz"), mapper, tr=1.0)
     assert bold.dtype == np.float16 and bold.shape == (n_frames_out(12, 1.5, 1.0), mapper.n_pixels)

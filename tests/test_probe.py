@@ -6,11 +6,8 @@ import torch
 
 from fmri_bench.errors import InputError
 from fmri_bench.probe import (
-    AttentivePoolHead, Features, ProbeConfig, apply_bins, extract_features, probe_features,
-    probe_record, probe_splits,
-    quantile_bins, train_probe, trait_logistic,
+    AttentivePoolHead, Features, ProbeConfig, apply_bins, quantile_bins, train_probe, trait_logistic,
 )
-from fmri_bench.splits import subject_split
 
 FAST = ProbeConfig(epochs=6, batch_size=64)
 
@@ -90,45 +87,6 @@ def test_grid_heads_train_independently(rng):
     torch.testing.assert_close(w1, w2)
 
 
-class DummyEncoder(torch.nn.Module):
-    """Same forward_features signature as the MAE: imgs (B, 1, T, H, W), mask -> dict."""
-
-    def __init__(self, dim=8, patch=4):
-        super().__init__()
-        self.patch = patch
-        self.proj = torch.nn.Linear(patch * patch, dim)
-
-    def forward_features(self, imgs, mask):
-        B, _, T, H, W = imgs.shape
-        p = self.patch
-        x = imgs.mean(2).reshape(B, H // p, p, W // p, p).permute(0, 1, 3, 2, 4).reshape(B, -1, p * p)
-        tok = self.proj(x)  # (B, L, D)
-        return {"cls": tok[:, 0], "avg_patch": tok.mean(1), "patch": tok}
-
-
-def test_extract_features_and_probe(rng):
-    n, T, H, W = 96, 4, 8, 8
-    y = rng.integers(0, 2, n)
-    subj = np.repeat(np.arange(24), 4)
-    bold = rng.normal(size=(n, 1, T, H, W)).astype(np.float32)
-    bold[y == 1, :, :, :4, :4] += 2.0
-    loader = [{"bold": torch.from_numpy(bold[i:i + 16]), "mask": torch.ones(16, H, W, dtype=torch.bool),
-               "key": [f"sub-{s}_run-1" for s in subj[i:i + 16]], "label": torch.from_numpy(y[i:i + 16])}
-              for i in range(0, n, 16)]
-    model = DummyEncoder().train()
-    feats = extract_features(model, loader, subject_of=lambda k: k.split("_")[0])
-    assert model.training  # mode restored
-    assert feats["cls"].shape == (n, 8) and feats["patch"].shape == (n, 4, 8)
-    assert feats.subjects[5] == "sub-1" and feats.labels.tolist() == y.tolist()
-    split = subject_split(feats.subjects, seed=0)
-    res = probe_features(feats, split, ["cls", "avg_patch"], cfg=FAST)
-    assert res["cls"].test_acc > 0.9
-    with pytest.raises(InputError, match="subject"):
-        extract_features(model, loader)
-    with pytest.raises(InputError, match="forward_features"):
-        extract_features(torch.nn.Linear(2, 2), loader, subject_of=str)
-
-
 def test_features_roundtrip(tmp_path, rng):
     f = Features({"cls": rng.normal(size=(5, 3))}, np.arange(5), np.array(list("aabbc")),
                  np.array([f"k{i}" for i in range(5)]))
@@ -167,18 +125,6 @@ def test_trait_logistic_recovers_planted_trait(rng):
 def test_trait_logistic_too_few_families(rng):
     with pytest.raises(InputError, match="need at least 6 families, found 4"):
         trait_logistic(rng.normal(size=(8, 2)), np.arange(8) % 2, np.arange(8), np.arange(8) // 2)
-
-
-def test_probe_splits_to_record(rng):
-    x, y = separable(rng, 240, d=6)
-    subjects = np.repeat(np.arange(24).astype(str), 10)
-    feats = Features({"cls": x}, y, subjects, np.arange(240).astype(str))
-    splits = [subject_split(subjects, seed=s) for s in range(3)]
-    cfg = ProbeConfig(epochs=3, lr_scales=(100.0,), weight_decays=(1e-3,))
-    res = probe_splits(feats, splits, ["cls"], cfg=cfg)
-    rec = probe_record("toy", "cls linear", res["cls"], ceiling=1.0)
-    assert rec.n == 3 and rec.values == [r.test_acc for r in res["cls"]]
-    assert rec.ci_low <= rec.mean <= rec.ci_high and rec.ceiling == 1.0 and rec.source == "synthetic"
 
 
 def test_attentive_head_ignores_masked_tokens():

@@ -14,8 +14,9 @@ import torch
 import torch.multiprocessing as mp
 
 from fmri_bench.errors import InputError
-from fmri_bench.models.mae import build_model, from_pretrained
-from fmri_bench.train import TrainConfig, load_config, lr_at, param_groups, read_metrics, train
+from fmri_bench.models.mae import MaskedAutoencoderViT, from_pretrained, preset_config
+from fmri_bench.rundir import read_metrics
+from fmri_bench.train import TrainConfig, load_config, lr_at, param_groups, train
 
 SMALL_MODEL = dict(img_size=[32, 64], num_frames=4, patch_size=8, t_patch_size=2, embed_dim=32, depth=1,
                    num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
@@ -72,7 +73,7 @@ def test_schedule_and_weight_decay_groups():
     assert [lr_at(cfg, s) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
     assert lr_at(cfg, 10) == pytest.approx(1e-3) and lr_at(cfg, 60) == pytest.approx(5e-4)
     assert lr_at(cfg, 109) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 99 / 100)))
-    model = build_model("mae_vit_tiny", **SMALL_MODEL)
+    model = MaskedAutoencoderViT(preset_config("mae_vit_tiny", **SMALL_MODEL))
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     skipped = {names[id(p)] for p in no_decay["params"]}

@@ -499,26 +499,6 @@ def from_pretrained(path: str | os.PathLike, map_location="cpu") -> MaskedAutoen
     return model
 
 
-def mae_vit_tiny(**overrides) -> MaskedAutoencoderViT:
-    """192/4/3 encoder, 128/2/4 decoder on 112 x 280 with 8 x 8 x 16 tubelets (490 tokens)."""
-    return MaskedAutoencoderViT(preset_config("mae_vit_tiny", **overrides))
-
-
-def mae_vit_small(**overrides) -> MaskedAutoencoderViT:
-    """ViT-S 384/12/6 on 224 x 560 with 16 x 16 x 16 tubelets, decoder 512/4/16."""
-    return MaskedAutoencoderViT(preset_config("mae_vit_small", **overrides))
-
-
-def mae_vit_base(**overrides) -> MaskedAutoencoderViT:
-    """The paper's ViT-B 768/12/12 on 224 x 560, 16 x 16 x 16 tubelets, decoder 512/4/16, mask 0.9."""
-    return MaskedAutoencoderViT(preset_config("mae_vit_base", **overrides))
-
-
-def build_model(name: str, **overrides) -> MaskedAutoencoderViT:
-    """Preset by name (``PRESETS``) with config overrides."""
-    return MaskedAutoencoderViT(preset_config(name, **overrides))
-
-
 def forward_flops(cfg: MAEConfig) -> float:
     """Analytic forward FLOPs of one clip at the config's mask ratio: matmuls (2 per multiply-add)
     and attention (QK^T and AV); norms and activations are left out. Training ~ 3x this."""

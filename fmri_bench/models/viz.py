@@ -1,7 +1,7 @@
 """Figures of the MAE on the flat map: the patch grid and masking, reconstructions, loss curves.
 
 In: tensors from ``MaskedAutoencoderViT`` (a clip, its brain mask, ``reconstruct`` output) or the
-records of ``fmri_bench.train.read_metrics``. Out: matplotlib Figures (no pyplot state, so they
+records of ``fmri_bench.rundir.read_metrics``. Out: matplotlib Figures (no pyplot state, so they
 work under any backend, e.g. Agg in tests and papermill).
 """
 

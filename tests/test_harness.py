@@ -1,4 +1,4 @@
-"""Decoding benchmarks: task clips from tiny shards, disjoint splits, identification, the CLI errors.
+"""The benchmark harness: task clips from tiny shards, disjoint splits, features, baselines, the CLI errors.
 
 The fixture writes a tiny cohort of flat-map shards (a 16 x 40 grid) with HCP-style run keys,
 events and a participants table; the MAE is a one-block model on that grid.
@@ -17,10 +17,11 @@ import pandas as pd
 import pytest
 import torch
 
-from fmri_bench import cli, decoding
+from fmri_bench import cli, harness
 from fmri_bench.errors import InputError
 from fmri_bench.models.mae import MAEConfig, MaskedAutoencoderViT
-from fmri_bench.probe import ProbeConfig
+from fmri_bench.harness.evaluate import _identify_accuracy as identify_accuracy
+from fmri_bench.probe import ProbeConfig, train_probe
 from fmri_bench.shards import ShardWriter
 
 H, W = 16, 40
@@ -38,9 +39,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def write_cohort(root, n_subjects=8, sessions=("REST1", "REST2"), task=True, events=EVENTS, families=None,
-                 plant=None):
+                 plant=None, plant_rest=None):
     """Tiny shards + participants.tsv -> the directory. Rest runs 32 frames, MOTOR runs 40.
-    plant: optional ``f(bold (T, P) float32, mask) -> None`` that edits each MOTOR run in place."""
+    plant: optional ``f(bold (T, P) float32, mask) -> None`` that edits each MOTOR run in place;
+    plant_rest: ``f(subject, bold, mask)`` the same for each rest run."""
     rng = np.random.default_rng(0)
     mask = np.zeros((H, W), bool)
     mask[2:14, 2:38] = True  # brain pixels; the corner patches hold none
@@ -49,8 +51,10 @@ def write_cohort(root, n_subjects=8, sessions=("REST1", "REST2"), task=True, eve
     with ShardWriter(root / "shards", shard_size=5) as w:
         for s in subjects:
             for ses in sessions:
-                w.write(f"sub-{s}_rfMRI_{ses}_LR", rng.normal(size=(32, P)).astype(np.float16), mask,
-                        {"subject": s, "tr": 1.0}, [])
+                rest = rng.normal(size=(32, P)).astype(np.float32)
+                if plant_rest is not None:
+                    plant_rest(s, rest, mask)
+                w.write(f"sub-{s}_rfMRI_{ses}_LR", rest.astype(np.float16), mask, {"subject": s, "tr": 1.0}, [])
             if task:
                 bold = rng.normal(size=(40, P)).astype(np.float32)
                 if plant is not None:
@@ -79,20 +83,20 @@ def cohort(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(cohort):
-    return decoding.load_dataset(cohort)
+    return harness.load_dataset(cohort)
 
 
 # --- runs and clips ---------------------------------------------------------------------------
 def test_run_identity_hcp_and_bids():
-    assert decoding.run_identity("sub-7_rfMRI_REST2_LR", {}) == ("7", "rest", "REST2", None)
-    assert decoding.run_identity("x", {"subject": "9", "run": "tfMRI_WM_RL"}) == ("9", "task", "WM", "WM")
-    assert decoding.run_identity("sub-3_task-motor_run-1", {"entities": {"sub": "3", "task": "motor"}}) \
+    assert harness.run_identity("sub-7_rfMRI_REST2_LR", {}) == ("7", "rest", "REST2", None)
+    assert harness.run_identity("x", {"subject": "9", "run": "tfMRI_WM_RL"}) == ("9", "task", "WM", "WM")
+    assert harness.run_identity("sub-3_task-motor_run-1", {"entities": {"sub": "3", "task": "motor"}}) \
         == ("3", "task", "MOTOR", "MOTOR")
 
 
 def test_scan_and_task_clips(data):
     assert len(data.runs) == 8 * 3 and data.participants is not None and not data.synthetic
-    state = decoding.task_clips("state21", data)
+    state = harness.task_clips("state21", data)
     # 3 of 5 events per run are a class with a full 16-frame clip; labels follow the class index
     assert len(state) == 8 * 3
     assert state.class_names == ["MOTOR_lf", "MOTOR_rh", "MOTOR_t"] and state.class_ids == [4, 7, 8]
@@ -101,17 +105,17 @@ def test_scan_and_task_clips(data):
     # each clip starts at the onset of its own event: lf at 0 s, rh at 10 s, t at 20 s
     for label, onset in enumerate([0, 10, 20]):
         assert set(state.starts[state.labels == label].tolist()) == {onset}
-    sex = decoding.task_clips("sex", data)
+    sex = harness.task_clips("sex", data)
     # rest: 2 sessions x 2 clips of 16 frames; task: 2 clips of 40 frames
     assert (sex.states == "rest").sum() == 8 * 4 and (sex.states == "task").sum() == 8 * 2
     assert set(sex.values.tolist()) == {0.0, 1.0}
-    ident = decoding.task_clips("identify", data)
+    ident = harness.task_clips("identify", data)
     assert len(ident) == 8 * 4 and set(ident.sessions) == {"REST1", "REST2"}
 
 
 def test_splits_never_share_subject_or_family(data):
-    clips = decoding.task_clips("state21", data)
-    splits = decoding.splits_for(clips, 6, seed=3)
+    clips = harness.task_clips("state21", data)
+    splits = harness.splits_for(clips, 6, seed=3)
     assert len(splits) == 6
     for s in splits:
         parts = [s.train, s.val, s.test]
@@ -129,29 +133,29 @@ def test_splits_never_share_subject_or_family(data):
 
 # --- unsupported data -------------------------------------------------------------------------
 def test_no_task_runs_is_an_input_error(tmp_path):
-    data = decoding.load_dataset(write_cohort(tmp_path, task=False))
+    data = harness.load_dataset(write_cohort(tmp_path, task=False))
     with pytest.raises(InputError, match="task runs"):
-        decoding.task_clips("state21", data)
+        harness.task_clips("state21", data)
     with pytest.raises(InputError, match="rest and task runs"):
-        decoding.task_clips("sex", data)
+        harness.task_clips("sex", data)
 
 
 def test_one_class_is_an_input_error(tmp_path):
-    data = decoding.load_dataset(write_cohort(tmp_path, events=[{"onset": 0.0, "duration": 8, "trial_type": "lf"}]))
+    data = harness.load_dataset(write_cohort(tmp_path, events=[{"onset": 0.0, "duration": 8, "trial_type": "lf"}]))
     with pytest.raises(InputError, match="at least 2 task-state classes"):
-        decoding.task_clips("state21", data)
+        harness.task_clips("state21", data)
 
 
 def test_one_session_cannot_identify(tmp_path):
-    data = decoding.load_dataset(write_cohort(tmp_path, sessions=("REST1",)))
+    data = harness.load_dataset(write_cohort(tmp_path, sessions=("REST1",)))
     with pytest.raises(InputError, match="two rest sessions"):
-        decoding.task_clips("identify", data)
+        harness.task_clips("identify", data)
 
 
 def test_too_few_families(tmp_path):
-    data = decoding.load_dataset(write_cohort(tmp_path, n_subjects=4, families=["A", "A", "B", "B"]))
+    data = harness.load_dataset(write_cohort(tmp_path, n_subjects=4, families=["A", "A", "B", "B"]))
     with pytest.raises(InputError, match="too few families"):
-        decoding.splits_for(decoding.task_clips("state21", data), 2)
+        harness.splits_for(harness.task_clips("state21", data), 2)
 
 
 # --- benchmarks -------------------------------------------------------------------------------
@@ -161,10 +165,10 @@ def test_identify_accuracy_exact():
     x = np.concatenate([base, base + 0.01 * rng.normal(size=base.shape)])
     subjects = np.tile(np.arange(5).astype(str), 2)
     sessions = np.repeat(["REST1", "REST2"], 5)
-    acc, hits = decoding._identify_accuracy(x, subjects, sessions)
+    acc, hits = identify_accuracy(x, subjects, sessions)
     assert acc == 1.0 and hits.shape == (5, 2)
     shuffled = np.concatenate([base, base[[1, 2, 3, 4, 0]]])
-    assert decoding._identify_accuracy(shuffled, subjects, sessions)[0] == 0.0
+    assert identify_accuracy(shuffled, subjects, sessions)[0] == 0.0
 
 
 def data_labels(bench):
@@ -173,7 +177,7 @@ def data_labels(bench):
 
 def test_state21_benchmark_on_shared_splits(data, tmp_path):
     ckpt = tiny_mae(tmp_path / "m.pt")
-    bench = decoding.benchmark("state21", data, methods=("mae", "depth0", "chance"), checkpoint=ckpt, seeds=2,
+    bench = harness.benchmark("state21", data, methods=("mae", "depth0", "chance"), checkpoint=ckpt, seeds=2,
                                probe_cfg=FAST)
     methods = [r.method for r in bench.records]
     assert methods == ["mae cls", "mae avg_patch", "depth0 cls", "depth0 avg_patch", "chance"]
@@ -183,9 +187,11 @@ def test_state21_benchmark_on_shared_splits(data, tmp_path):
         for name in ("mae cls", "mae avg_patch", "depth0 cls", "depth0 avg_patch"):
             assert np.array_equal(bench.details[name][i].test_true, data_labels(bench)[split.test])
     assert bench.details["mae cls"][0].n_classes == 3
-    chance = bench.records[-1]
-    assert 0 <= chance.mean <= 1 and np.isclose(chance.mean, chance.chance)
-    path = decoding.write_benchmark(bench, tmp_path / "r.json")
+    # chance: the training majority class, scored on each split's test clips
+    y = data_labels(bench)
+    expect = [np.mean(y[s.test] == np.bincount(y[s.train], minlength=3).argmax()) for s in bench.details["splits"]]
+    assert bench.records[-1].values == pytest.approx(expect)
+    path = harness.write_benchmark(bench, tmp_path / "r.json")
     assert len(json.loads(path.read_text())) == 5 and "| state21 | chance |" in path.with_suffix(".md").read_text()
 
 
@@ -206,40 +212,85 @@ def test_state21_decodes_a_planted_state_signal(tmp_path):
     a planted class pattern is decoded far above chance, and not when the labels are shuffled."""
     cfg = MAEConfig(img_size=(H, W), patch_size=8, embed_dim=32, depth=1, num_heads=2,
                     decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-    data = decoding.load_dataset(write_cohort(tmp_path / "planted", plant=plant_state_patterns))
+    data = harness.load_dataset(write_cohort(tmp_path / "planted", plant=plant_state_patterns))
     probe = ProbeConfig(epochs=100, lr_scales=(10.0,), weight_decays=(1e-3,))
-    bench = decoding.benchmark("state21", data, methods=("depth0",), config=cfg, seeds=2, probe_cfg=probe,
+    bench = harness.benchmark("state21", data, methods=("depth0",), config=cfg, seeds=2, probe_cfg=probe,
                                representations=("avg_patch",))
     (rec,) = bench.records
     assert rec.chance == pytest.approx(1 / 3, abs=0.1)
     assert rec.mean > 0.9, rec
     # the same pipeline without the planted pattern stays near chance
-    plain = decoding.load_dataset(write_cohort(tmp_path / "plain"))
-    (ctrl,) = decoding.benchmark("state21", plain, methods=("depth0",), config=cfg, seeds=2, probe_cfg=probe,
+    plain = harness.load_dataset(write_cohort(tmp_path / "plain"))
+    (ctrl,) = harness.benchmark("state21", plain, methods=("depth0",), config=cfg, seeds=2, probe_cfg=probe,
                                  representations=("avg_patch",)).records
     assert ctrl.mean < 0.7, ctrl
 
 
 def test_traits_and_identify_benchmark(data, tmp_path):
     ckpt = tiny_mae(tmp_path / "m.pt")
-    sex = decoding.benchmark("sex", data, methods=("mae", "chance"), checkpoint=ckpt, seeds=2, n_Cs=2,
+    sex = harness.benchmark("sex", data, methods=("mae", "chance"), checkpoint=ckpt, seeds=2, n_Cs=2,
                              representations=("avg_patch",), keep_features=True)
     assert [r.task for r in sex.records] == ["sex rest->task", "sex task->rest"] * 2
     assert all(r.chance == 0.5 for r in sex.records)
-    age = decoding.benchmark("age", data, methods=("mae",), checkpoint=ckpt, seeds=2, n_Cs=2,
+    age = harness.benchmark("age", data, methods=("mae",), checkpoint=ckpt, seeds=2, n_Cs=2,
                              representations=("avg_patch",), features=sex.features)
     assert all(r.chance == 0.25 for r in age.records)
-    ident = decoding.benchmark("identify", data, methods=("mae", "chance"), checkpoint=ckpt)
-    assert ident.records[-1].mean == pytest.approx(1 / 8) and ident.records[0].n == 8
+    ident = harness.benchmark("identify", data, methods=("mae", "chance"), checkpoint=ckpt)
+    assert [r.method for r in ident.records] == ["mae cls", "mae avg_patch", "chance"]
+    assert ident.records[0].n == 8 and len(ident.records[0].values) == 8  # one hit rate per subject
+
+
+def test_identify_finds_planted_fingerprints(tmp_path):
+    """Each subject's rest runs share a fixed spatial pattern: run-level parcel features match
+    REST1 to REST2 of the same subject; without it, matching is near chance (1 / 8)."""
+    rng = np.random.default_rng(1)
+    finger = {}
+
+    def plant(subject, bold, mask):
+        pattern = finger.setdefault(subject, rng.normal(size=bold.shape[1]))
+        bold += 3.0 * pattern
+
+    labels = quadrant_parcels()
+    with_fp = harness.benchmark("identify", harness.load_dataset(write_cohort(tmp_path / "fp", plant_rest=plant)),
+                                methods=("parcel_mlp",), atlas=labels)
+    without = harness.benchmark("identify", harness.load_dataset(write_cohort(tmp_path / "plain")),
+                                methods=("parcel_mlp",), atlas=labels)
+    assert with_fp.records[0].mean == 1.0
+    assert without.records[0].mean < 0.5
+
+
+def quadrant_parcels():
+    """Four parcels per brain pixel by its position inside its 8 x 8 patch (left / right x top /
+    bottom half), so the planted state regions are unions of parcels."""
+    mask = np.zeros((H, W), bool)
+    mask[2:14, 2:38] = True
+    rows, cols = np.nonzero(mask)
+    return 1 + 2 * (rows % 8 < 4) + (cols % 8 < 4)
+
+
+def test_fc_and_parcel_mlp_decode_a_planted_state_signal(tmp_path):
+    """The FC and parcel-MLP baselines through benchmark(): the planted regions co-activate, so
+    both decode the class from parcel series; without the plant FC stays near chance."""
+    probe = ProbeConfig(epochs=100, lr_scales=(10.0,), weight_decays=(1e-3,))
+    labels = quadrant_parcels()
+    data = harness.load_dataset(write_cohort(tmp_path / "planted", plant=plant_state_patterns))
+    bench = harness.benchmark("state21", data, methods=("fc", "parcel_mlp"), seeds=2, probe_cfg=probe, atlas=labels)
+    assert [r.method for r in bench.records] == ["fc", "parcel_mlp"]
+    assert all(r.mean > 0.9 for r in bench.records), bench.records
+    plain = harness.load_dataset(write_cohort(tmp_path / "plain"))
+    (fc,) = harness.benchmark("state21", plain, methods=("fc",), seeds=2, probe_cfg=probe, atlas=labels).records
+    assert fc.mean < 0.7, fc
+    with pytest.raises(InputError, match="parcellation covers 3 pixels"):
+        harness.benchmark("state21", plain, methods=("fc",), seeds=2, probe_cfg=probe, atlas=np.array([1, 2, 2]))
 
 
 def test_compare_sentence_says_when_a_baseline_wins():
     from fmri_bench.results import summarize
 
     recs = [summarize("state21", "mae cls", [0.4, 0.5]), summarize("state21", "fc", [0.7, 0.8])]
-    assert decoding.compare_sentence(recs, "state21").startswith("A baseline beats the MAE: fc 75.0 % against")
+    assert harness.compare_sentence(recs, "state21").startswith("A baseline beats the MAE: fc 75.0 % against")
     recs[1] = summarize("state21", "fc", [0.1, 0.2])
-    assert decoding.compare_sentence(recs, "state21").startswith("The MAE is above every baseline: mae cls 45.0 %")
+    assert harness.compare_sentence(recs, "state21").startswith("The MAE is above every baseline: mae cls 45.0 %")
 
 
 # --- CLI --------------------------------------------------------------------------------------
@@ -288,8 +339,8 @@ def test_token_evidence_sums_to_the_logit():
     patch[:, 3] = 0  # a non-brain token
     avg = patch[:, :3].mean(1)
     y = np.array([0, 1, 2, 0, 1, 2])
-    res = decoding.train_probe(avg, y, avg, y, avg, y, head="linear", n_classes=3, cfg=FAST)
-    ev = decoding.token_evidence(res, patch[:3], y[:3], (2, 2))  # one clip per class
+    res = train_probe(avg, y, avg, y, avg, y, head="linear", n_classes=3, cfg=FAST)
+    ev = harness.token_evidence(res, patch[:3], y[:3], (2, 2))  # one clip per class
     head = res.heads.heads[res.best_index].linear
     with torch.no_grad():
         logits = res.heads.forward_head(torch.from_numpy(avg[:3]), res.best_index).numpy()

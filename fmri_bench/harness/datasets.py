@@ -1,0 +1,188 @@
+"""Datasets and runs: where a benchmark reads from, and who / which state each run is.
+
+In: a data directory: a simulated cohort (``fmri_bench.synth``; its CIFTI runs are flattened once
+into shards, cached under ``paths.data_dir()``), a streamed cohort (shards already beside its
+``ground_truth.json``), or any directory of flat-map shards with a ``participants.tsv``
+(subject, sex, age, fluid_iq, family_id) in it or its parent. Out: a ``Dataset``: the shard
+URLs, one ``RunInfo`` per run (read from the shards' ``meta.json`` / ``events.json`` members
+only) and the participants table. ``cohort_shards`` also gives pretraining its subject split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fmri_bench.errors import InputError
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run of a shard: who, which state, how long. kind: "rest" | "task"."""
+
+    key: str
+    shard: str
+    subject: str
+    kind: str
+    session: str  # REST1 / REST2 / the task name
+    paradigm: str | None
+    n_frames: int
+    tr: float
+    events: tuple = ()
+
+
+_HCP_RUN = re.compile(r"(rfMRI|tfMRI)_([A-Za-z0-9]+)")
+_BIDS_TASK = re.compile(r"task-([A-Za-z0-9]+)")
+_SUBJECT = re.compile(r"sub-([A-Za-z0-9]+)")
+
+
+def run_identity(key: str, meta: dict) -> tuple[str | None, str, str, str | None]:
+    """(subject, kind, session, paradigm) of a run from its shard meta / key.
+
+    HCP names (``rfMRI_REST1_LR``, ``tfMRI_MOTOR_RL``) or BIDS entities (``task-rest``).
+    """
+    ent = meta.get("entities") or {}
+    subject = meta.get("subject") or ent.get("sub")
+    if subject is None:
+        m = _SUBJECT.search(key)
+        subject = m.group(1) if m else None
+    name = f"{meta.get('run', '')} {meta.get('source', '')} {key}"
+    m = _HCP_RUN.search(name)
+    if m:
+        rest = m.group(1) == "rfMRI"
+        return str(subject) if subject else None, "rest" if rest else "task", m.group(2), \
+            None if rest else m.group(2).upper()
+    task = ent.get("task") or (_BIDS_TASK.search(name).group(1) if _BIDS_TASK.search(name) else None)
+    if task is None:
+        return str(subject) if subject else None, "unknown", "", None
+    session = f"{task}{ent.get('ses', '')}{ent.get('run', '')}"
+    if task.lower() == "rest":
+        return str(subject) if subject else None, "rest", session.upper(), None
+    return str(subject) if subject else None, "task", task.upper(), task.upper()
+
+
+def scan_runs(urls) -> list[RunInfo]:
+    """Read only the meta and events members of each shard (tar headers are skipped past)."""
+    from fmri_bench.shards import expand_urls
+
+    shards = expand_urls(urls)
+    if not shards:
+        raise InputError(f"no shards (*.tar) found at {urls!r}")
+    parts: dict[str, dict] = defaultdict(dict)
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tf:
+                for member in tf:
+                    key, _, ext = member.name.partition(".")
+                    if ext in ("meta.json", "events.json"):
+                        parts[key][ext] = json.load(tf.extractfile(member))
+                        parts[key]["shard"] = shard
+        except tarfile.TarError as err:
+            raise InputError(f"cannot read shard ({err})", shard) from None
+    runs = []
+    for key, p in parts.items():
+        meta = p.get("meta.json", {})
+        subject, kind, session, paradigm = run_identity(key, meta)
+        if subject is None:
+            raise InputError(f"run {key!r} names no subject (meta 'subject' / entities 'sub' / "
+                             "'sub-' in the key): subject-disjoint splits need one", p["shard"])
+        runs.append(RunInfo(key, p["shard"], subject, kind, session, paradigm,
+                            int(meta.get("n_frames", 0)), float(meta.get("tr") or 1.0),
+                            tuple(p.get("events.json", []))))
+    return sorted(runs, key=lambda r: (r.subject, r.key))
+
+
+@dataclass
+class Dataset:
+    """Where a benchmark reads from: shards, the participants table, the synthetic truth."""
+
+    root: Path
+    urls: list[str]
+    runs: list[RunInfo]
+    participants: pd.DataFrame | None
+    cohort: Path | None = None  # a simulated cohort: ground truth for the ceilings
+
+    @property
+    def synthetic(self) -> bool:
+        return self.cohort is not None
+
+
+def load_dataset(path=None, progress: bool = False) -> Dataset:
+    """A simulated cohort (flattened into shards once, cached) or a directory of shards.
+
+    path None: the smoke cohort (``synth.ensure_cohort("smoke")``). A shard directory is searched
+    recursively for ``*.tar``; ``participants.tsv`` (subject, sex, age, fluid_iq, family_id) is
+    read from it or its parent when present.
+    """
+    from fmri_bench.synth import ensure_cohort
+
+    root = Path(path) if path is not None else ensure_cohort("smoke", seed=0)
+    if not root.exists():
+        raise InputError("data directory not found", root)
+    if (root / "ground_truth.json").is_file() and (root / "shards").is_dir():  # streamed cohort
+        urls, cohort = [str(root / "shards")], root
+    elif (root / "ground_truth.json").is_file():
+        urls, cohort = list(cohort_shards(root, progress=progress).values()), root
+    else:
+        urls, cohort = sorted(str(p) for p in root.rglob("*.tar")), None
+        if not urls:
+            raise InputError("no flat-map shards (*.tar) and no simulated cohort here", root)
+    participants = None
+    for cand in (root / "participants.tsv", root.parent / "participants.tsv"):
+        if cand.is_file():
+            participants = pd.read_csv(cand, sep="\t", dtype={"subject": str, "family_id": str})
+            break
+    return Dataset(root, urls, scan_runs(urls), participants, cohort)
+
+
+def cohort_shards(cohort_dir: str | os.PathLike, out: str | os.PathLike | None = None, val_frac: float = 0.25,
+                  seed: int = 0, progress: bool = False) -> dict[str, str]:
+    """Flat-map shards of a simulated cohort (``fmri_bench.synth``), split by subject for pretraining.
+
+    In-distribution = the site with the most subjects: its subjects are split (by subject, seeded)
+    into ``train`` and ``val``; every other site is ``val_ood``. Each split is flattened
+    (``fmri_bench.convert.flatten``) into ``out/<split>`` once and reused afterwards (default
+    ``out``: ``paths.data_dir() / "pretrain_shards" / <cohort directory name>``).
+    -> {"train": dir, "val": dir, "val_ood": dir}, ready for ``data.train_urls`` etc.
+    """
+    from fmri_bench.convert import flatten
+    from fmri_bench.paths import data_dir
+    from fmri_bench.synth import load_ground_truth
+
+    cohort_dir = Path(cohort_dir)
+    out = Path(out) if out is not None else data_dir() / "pretrain_shards" / cohort_dir.name
+    gt, _ = load_ground_truth(cohort_dir)
+    runs = [r for r in gt["runs"] if r.get("path")]
+    if not runs:
+        raise InputError("the cohort has no CIFTI runs (a streamed profile? its shards are already flat maps)",
+                         cohort_dir)
+    site_of = {r["subject"]: r["site"] for r in runs}
+    sites = sorted(set(site_of.values()), key=lambda s: (-list(site_of.values()).count(s), s))
+    home = sorted(s for s, site in site_of.items() if site == sites[0])
+    rng = np.random.default_rng(seed)
+    n_val = max(1, int(round(val_frac * len(home))))
+    val_subjects = set(rng.permutation(home)[:n_val].tolist())
+    split_of = {s: ("val_ood" if site_of[s] != sites[0] else "val" if s in val_subjects else "train")
+                for s in site_of}
+    dirs = {}
+    for split in ("train", "val", "val_ood"):
+        inputs = [str(cohort_dir / r["path"]) for r in runs if split_of[r["subject"]] == split]
+        dirs[split] = str(out / split)
+        done = out / split / "inputs.json"
+        if done.exists() and json.loads(done.read_text()) == inputs:
+            continue
+        if not inputs:
+            raise InputError(f"no subjects for the {split} split (the cohort has sites {sites})", cohort_dir)
+        summary = flatten(inputs, out / split, progress=progress, shard_size=8, overwrite=True)
+        if summary.failed:
+            raise InputError(f"{len(summary.failed)} runs failed to flatten for {split}", out / split)
+        done.write_text(json.dumps(inputs))
+    return dirs
