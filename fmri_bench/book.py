@@ -274,7 +274,7 @@ def _kernel_env():
         spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
                          "--IPKernelApp.log_level=ERROR"],
                 "display_name": "Python 3 (fmri-bench)", "language": "python"}
-        (spec_dir / "kernel.json").write_text(json.dumps(spec))
+        atomic_save(lambda tmp: tmp.write_text(json.dumps(spec)), spec_dir / "kernel.json")
         os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (tmp, saved["JUPYTER_PATH"]) if p)
         os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
         os.environ["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # silences a debugger warning in outputs

@@ -74,8 +74,10 @@ class Features:
                         self.subjects[idx], self.keys[idx])
 
     def save(self, path) -> None:
-        np.savez(path, labels=self.labels, subjects=self.subjects, keys=self.keys,
-                 **{f"x_{k}": v for k, v in self.arrays.items()})
+        from fmri_bench.paths import atomic_save
+
+        atomic_save(lambda tmp: np.savez(tmp, labels=self.labels, subjects=self.subjects, keys=self.keys,
+                                         **{f"x_{k}": v for k, v in self.arrays.items()}), path)
 
     @classmethod
     def load(cls, path) -> "Features":

@@ -335,7 +335,7 @@ def _write_subset(src_urls, keys: set[str], out: Path) -> int:
         for raw in _raw_samples(expand_urls(src_urls)):
             if raw["__key__"] in keys:
                 w.write_encoded({k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"})
-    done.write_text(json.dumps(sorted(keys)))
+    atomic_save(lambda tmp: tmp.write_text(json.dumps(sorted(keys))), done)
     return len(keys)
 
 
@@ -399,7 +399,8 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
         with np.errstate(all="ignore"):  # a flat sweep (tiny runs) gives a ~0 slope and a -> inf
             res.fits[which] = _sweep_fits(res, which, n, loss, n_boot, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps(res.to_dict(), indent=1, default=float))
+    text = json.dumps(res.to_dict(), indent=1, default=float)
+    atomic_save(lambda tmp: tmp.write_text(text), out_dir / "sweep.json")
     return res
 
 

@@ -16,9 +16,9 @@ hemisphere's full mesh. Data arrays for a space are (T, V) in exactly this verte
   used by a face (V = 19002).
 - pycortex subjects: ``cortex.db.get_surf(subject, "flat")``, cortex chosen by the same rule.
 
-The sources are read once per process (``functools.lru_cache``); nothing is written.
-``import_cortex()`` imports pycortex with its config inside ``cache_dir()`` so that it never
-writes to ``$HOME``.
+The sources are read once per process (``functools.lru_cache``); surfaces write nothing
+themselves. ``import_cortex()`` imports pycortex with its config and filestore inside
+``cache_dir()`` (it writes its options file there, atomically) so that it never writes to ``$HOME``.
 """
 
 from __future__ import annotations

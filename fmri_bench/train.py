@@ -35,6 +35,7 @@ from fmri_bench import distributed
 from fmri_bench.errors import InputError
 from fmri_bench.grid import downsample
 from fmri_bench.models.mae import CHECKPOINT_FORMAT, MaskedAutoencoderViT, check_keys, preset_config
+from fmri_bench.paths import atomic_save
 from fmri_bench.rundir import RunDir, read_metrics, rng_state, set_rng_state
 from fmri_bench.streams import ShardStream, SyntheticClips, SyntheticStream, val_batches
 
@@ -181,8 +182,7 @@ def _recon_figure(model, batch, ds, seed, device, path: Path, step: int) -> None
     rec = model.reconstruct(bold.to(device), mask.to(device), torch.Generator(device=device).manual_seed(seed))
     model.train()
     fig = plot_reconstruction(rec, mask[0], title=f"step {step}  masked-patch MSE {float(rec['loss']):.3f}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    atomic_save(lambda tmp: fig.savefig(tmp, dpi=80), path)
 
 
 def _pooled(batch: dict, factor: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -236,3 +236,26 @@ def test_masking_figure():
     assert len(fig.axes) == 3
     fig = plot_reconstruction(model.reconstruct(clips(), brain_mask()), brain_mask(), frames=(0, 1))
     assert len(fig.axes) == 6
+
+
+def test_a_batch_of_different_masks_equals_each_clip_alone():
+    """Clips of a batch may come from runs with different masks (sites, spaces): every output
+    of the batch equals that clip's output alone, for features, loss and masking."""
+    model = small_model().eval()
+    x = clips(3)
+    masks = torch.stack([brain_mask(), brain_mask().flip(1), torch.ones(32, 64, dtype=torch.bool)])
+    feats = model.forward_features(x, masks)
+    for b in range(3):
+        one = model.forward_features(x[b:b + 1], masks[b])
+        torch.testing.assert_close(feats["avg_patch"][b:b + 1], one["avg_patch"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(feats["cls"][b:b + 1], one["cls"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(feats["brain"][b], model.brain_patches(masks[b][None])[0])
+    assert feats["brain"].sum(1).tolist() != [feats["brain"][0].sum().item()] * 3  # the masks really differ
+    noise = model.draw_noise(3, torch.Generator().manual_seed(0))
+    loss, _, visible = model(x, masks, noise=noise)
+    losses = [model(x[b:b + 1], masks[b:b + 1], noise=noise[b:b + 1]) for b in range(3)]
+    for b, (_, _, vis) in enumerate(losses):
+        assert torch.equal(visible[b], vis[0])
+        assert not (visible[b] & ~model.brain_patches(masks[b][None])[0]).any()  # visible only inside brain
+    # each clip is normalised by its own masked brain pixels, then clips are averaged
+    torch.testing.assert_close(loss, torch.stack([l for l, _, _ in losses]).mean(), atol=1e-5, rtol=1e-5)

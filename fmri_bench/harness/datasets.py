@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fmri_bench.errors import InputError
+from fmri_bench.paths import atomic_save
 
 
 @dataclass(frozen=True)
@@ -184,5 +185,5 @@ def cohort_shards(cohort_dir: str | os.PathLike, out: str | os.PathLike | None =
         summary = flatten(inputs, out / split, progress=progress, shard_size=8, overwrite=True)
         if summary.failed:
             raise InputError(f"{len(summary.failed)} runs failed to flatten for {split}", out / split)
-        done.write_text(json.dumps(inputs))
+        atomic_save(lambda tmp: tmp.write_text(json.dumps(inputs)), done)
     return dirs

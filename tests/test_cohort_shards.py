@@ -1,0 +1,44 @@
+"""A simulated cohort's pretraining shards and the cached chapter model (the smoke cohort, cached
+in the data directory like the chapters use it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fmri_bench.harness import cohort_shards, scan_runs
+from fmri_bench.synth import ensure_cohort, load_ground_truth
+from fmri_bench.train import pretrained_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+def test_cohort_shards_split_subjects_by_site():
+    cohort = ensure_cohort("smoke", seed=0)
+    dirs = cohort_shards(cohort, seed=0)
+    gt, _ = load_ground_truth(cohort)
+    site = {r["subject"]: r["site"] for r in gt["runs"] if r.get("path")}
+    subjects = {k: {r.subject for r in scan_runs(v)} for k, v in dirs.items()}
+    assert all(subjects.values())
+    assert not subjects["train"] & subjects["val"] and not (subjects["train"] | subjects["val"]) & subjects["val_ood"]
+    assert len({site[s] for s in subjects["train"] | subjects["val"]}) == 1  # in distribution: one site
+    assert {site[s] for s in subjects["val_ood"]} == set(site.values()) - {site[next(iter(subjects["train"]))]}
+    # a second call reuses the shards
+    before = {p: p.stat().st_mtime_ns for d in dirs.values() for p in __import__("pathlib").Path(d).glob("*.tar")}
+    assert cohort_shards(cohort, seed=0) == dirs
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_pretrained_model_is_cached_by_its_settings(tmp_path, monkeypatch):
+    cohort = ensure_cohort("smoke", seed=0)
+    cohort_shards(cohort, seed=0)  # shared with the chapters' data directory
+    from fmri_bench import paths
+
+    real = paths.data_dir()
+    (tmp_path / "pretrain_shards").symlink_to(real / "pretrain_shards")
+    monkeypatch.setenv("FMRI_BENCH_DATA", str(tmp_path))
+    a = pretrained_model(cohort, steps=2, batch_size=2, base_lr=1e-2)
+    assert a == tmp_path / "models" / f"{cohort.name}-tiny-s2-b2-lr0.01-seed0" / "model.pt" and a.is_file()
+    stamp = a.stat().st_mtime_ns
+    assert pretrained_model(cohort, steps=2, batch_size=2, base_lr=1e-2) == a and a.stat().st_mtime_ns == stamp
+    b = pretrained_model(cohort, steps=2, batch_size=2, base_lr=1e-3)
+    assert b != a and b.parent.name.endswith("lr0.001-seed0") and b.is_file()
