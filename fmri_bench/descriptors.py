@@ -218,8 +218,9 @@ def bin_word(z: float) -> str:
 
 
 _TEMPLATES = {
-    "info": ["Parcellated fMRI scan: {n} regions ({atlas}), {frames} frames at TR {tr:g} s.",
-             "Scan summary: {frames} time points at a {tr:g} s repetition time over {n} {atlas} regions."],
+    # no run length: task and rest runs differ in length, so it would hint at the scan's state
+    "info": ["Parcellated fMRI scan: {n} regions ({atlas}), sampled every {tr:g} s.",
+             "Scan summary: a {tr:g} s repetition time over {n} {atlas} regions."],
     "fc_up": ["Connectivity is elevated for {pairs}.", "The strongest increases in coupling are {pairs}."],
     "fc_down": ["Connectivity is reduced for {pairs}.", "The clearest decreases in coupling are {pairs}."],
     "gradient": ["The principal gradient range is {w} (z = {z:+.1f}).",
