@@ -108,7 +108,8 @@ def _gradients(c: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
 
     gm = GradientMaps(n_components=N_GRADIENTS, approach="dm", kernel="normalized_angle", random_state=0,
                       alignment="procrustes" if reference is not None else None)
-    gm.fit(c, reference=reference)
+    # BrainSpace keeps each row's top 10 % of entries; small atlases (yeo7) keep at least 2
+    gm.fit(c, reference=reference, sparsity=min(0.9, 1.0 - 2.0 / len(c)))
     return np.asarray(gm.aligned_ if reference is not None else gm.gradients_)
 
 
