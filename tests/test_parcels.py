@@ -87,3 +87,35 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path, rng, capsys, case):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err
     assert not out.exists()
+
+
+def test_cifti_subcortical_structures_appended(tmp_path, rng):
+    import nibabel as nib
+    from nibabel.cifti2 import cifti2_axes as ax
+
+    from fmri_bench.io import fslr_cortex_vertices
+
+    left, right = fslr_cortex_vertices()
+    mask = np.zeros((4, 4, 4), bool)
+    mask[1:3, 1:3, 1:3] = True
+    bm = (ax.BrainModelAxis.from_surface(left, 32492, "CortexLeft")
+          + ax.BrainModelAxis.from_surface(right, 32492, "CortexRight")
+          + ax.BrainModelAxis.from_mask(mask, "ThalamusLeft", affine=np.eye(4)))
+    data = rng.standard_normal((5, len(bm))).astype(np.float32)
+    path = tmp_path / "full.dtseries.nii"
+    nib.Cifti2Image(data, header=(ax.SeriesAxis(0, 0.8, 5, "SECOND"), bm)).to_filename(path)
+    s = P.parcel_series(path, atlas="mmp")
+    assert s.data.shape == (5, 361) and s.labels[-1] == "THALAMUS_LEFT" and s.networks[-1] == "Subcortical"
+    np.testing.assert_allclose(s.data[:, -1], data[:, 59412:].mean(1), rtol=1e-5)
+    assert P.parcel_series(path, atlas="yeo7").data.shape == (5, 7)  # network atlases: cortex only
+
+
+def test_fsaverage5_gifti_through_seitzman(tmp_path, rng):
+    from fmri_bench.surfaces import load_surface
+
+    for h in "LR":
+        write_gifti(tmp_path / f"sub-02_hemi-{h}_bold.func.gii", rng.standard_normal((6, 10242)), tr=2.0)
+    s = P.parcel_series(tmp_path / "sub-02_hemi-L_bold.func.gii", atlas=None)
+    at = P.load_atlas("seitzman300")
+    assert s.atlas == "seitzman300" and s.space == "fsaverage5" and s.data.shape == (6, at.n_parcels)
+    assert len(at.vertex_labels) == load_surface("fsaverage5").n_vertices and at.n_parcels > 200
