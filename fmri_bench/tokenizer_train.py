@@ -442,3 +442,19 @@ def load_tokenizer(path) -> NeuralTokenizer:
     m = NeuralTokenizer(TokenizerConfig(**ck["config"]))
     m.load_state_dict(ck["state_dict"])
     return m
+
+
+def recon_yardsticks(train_windows: np.ndarray, val_windows: np.ndarray, ks=(8, 32)) -> dict:
+    """Reconstruction MSE of held-out windows (n, T, R) by predict-zero and by PCA-k over
+    parcels fitted on the training windows only -> {"zero": mse, "pca8": mse, ...}."""
+    from sklearn.decomposition import PCA
+
+    r = train_windows.shape[2]
+    tr = train_windows.reshape(-1, r)
+    va = val_windows.reshape(-1, r)
+    out = {"zero": float((va ** 2).mean())}
+    for k in ks:
+        k = min(k, r, len(tr))
+        pca = PCA(k, random_state=0).fit(tr)
+        out[f"pca{k}"] = float(((pca.inverse_transform(pca.transform(va)) - va) ** 2).mean())
+    return out
