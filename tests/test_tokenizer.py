@@ -171,3 +171,37 @@ def test_cli_bad_inputs_exit_2(tmp_path, capsys, argv, msg):
     rc = cli.main(["tokenizer", "--run-dir", str(tmp_path / "r"), *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and len(err.splitlines()) == 1
+
+
+def test_mae_tokenizer_quantises_frozen_patch_features(tmp_path, one_thread):
+    """The flat-map MAE as tokenizer: codes per brain patch, MAE frozen, heads trainable."""
+    from fmri_bench.models.mae import mae_vit_tiny
+    from fmri_bench.models.tokenizer import MAEFeatures, MAETokenizer
+
+    torch.manual_seed(0)
+    mae = mae_vit_tiny(img_size=(16, 32), num_frames=16, depth=1, decoder_depth=1)
+    mae.save_pretrained(tmp_path / "mae.pt")
+    feats = MAEFeatures.from_pretrained(tmp_path / "mae.pt")
+    tok = MAETokenizer(feats, tokenizer_config("tiny", **{**SMALL, "llm_dim": 16}))
+    clips, mask = torch.randn(3, 1, 16, 16, 32), torch.ones(16, 32, dtype=torch.bool)
+    out = tok(clips, mask, torch.randn(3, 16), torch.randn(40, 16))
+    n_patches = (16 // 8) * (32 // 8)
+    assert out.indices.shape == (3, n_patches) and out.quantized.shape == (3, n_patches, 8)
+    out.losses["total"].backward()
+    assert all(p.grad is None for p in feats.parameters())
+    assert tok.quantiser.proj[0].weight.grad.abs().sum() > 0
+    tok.train()
+    assert not feats.mae.training
+
+
+@pytest.mark.parametrize("name", ["tokenizer_tiny_cpu.yaml", "tokenizer_paper.yaml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / name
+    cfg = tt.load_config(str(path))
+    mcfg = tokenizer_config(cfg.preset, **cfg.model_overrides)
+    assert mcfg.n_frames % mcfg.patch_len == 0
+    if cfg.preset == "paper":
+        assert (mcfg.embed_dim, mcfg.depth, mcfg.num_heads, mcfg.codebook_size, mcfg.code_dim) == (384, 12, 6, 8192, 128)
+        assert mcfg.siglip_temperature == 0.125 and mcfg.adv_weight == 0.5 and mcfg.ema_decay == 0.99
