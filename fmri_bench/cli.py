@@ -182,7 +182,43 @@ def _run_probe(args) -> int:
     return 0
 
 
-# --- entry point -----------------------------------------------------------------------------
+# --- parcellate -------------------------------------------------------------------------------
+def _add_parcellate(sub) -> None:
+    p = sub.add_parser("parcellate", help="fMRI runs -> parcel time series (.npy per run + parcels.json)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="dtseries .nii, func.gii or NIfTI volume")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--atlas", default=None,
+                   help="mmp | schaefer400 | yeo7 | yeo17 (fs_LR 32k) | seitzman300 (fsaverage5); "
+                        "default: mmp for fs_LR, seitzman300 for fsaverage5")
+    p.add_argument("--input-tr", type=float, default=None, help="override the TR read from the header")
+    p.set_defaults(func=_run_parcellate)
+
+
+def _run_parcellate(args) -> int:
+    from fmri_bench.parcels import parcellate
+
+    print(f"{len(args.runs)} runs -> {parcellate(args.runs, args.out, atlas=args.atlas, tr=args.input_tr)}")
+    return 0
+
+
+# --- describe --------------------------------------------------------------------------------
+def _add_describe(sub) -> None:
+    p = sub.add_parser("describe", help="parcel series -> descriptor corpus (JSONL: numbers, z, text)")
+    p.add_argument("parcels", help="a directory written by fmri-bench parcellate")
+    p.add_argument("--out", required=True, help="corpus .jsonl")
+    p.add_argument("--train-subjects", nargs="+", required=True, metavar="SUBJECT",
+                   help="subjects the z-scores are fitted on (never the test subjects)")
+    p.add_argument("--seed", type=int, default=0, help="template choice seed")
+    p.set_defaults(func=_run_describe)
+
+
+def _run_describe(args) -> int:
+    from fmri_bench.descriptors import describe_directory
+
+    print(describe_directory(args.parcels, args.out, args.train_subjects, seed=args.seed))
+    return 0
+
+
 # --- tokenizer -------------------------------------------------------------------------------
 def _add_tokenizer(sub) -> None:
     p = sub.add_parser("tokenizer", help="train the fMRI-LM neural tokenizer on parcel windows (resumable)")
@@ -208,7 +244,9 @@ def _run_tokenizer(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_flatten, _add_book, _add_pretrain, _add_simulate, _add_probe, _add_baseline, _add_tokenizer]
+# --- entry point -----------------------------------------------------------------------------
+_COMMANDS = [_add_flatten, _add_book, _add_pretrain, _add_simulate, _add_probe, _add_baseline, _add_parcellate,
+             _add_describe, _add_tokenizer]
 
 
 def build_parser() -> argparse.ArgumentParser:
