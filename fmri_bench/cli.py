@@ -219,9 +219,34 @@ def _run_describe(args) -> int:
     return 0
 
 
+# --- tokenizer -------------------------------------------------------------------------------
+def _add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train the fMRI-LM neural tokenizer on parcel windows (resumable)")
+    p.add_argument("--config", default=None, help="YAML tokenizer config (default: the tiny CPU settings)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, dotted keys and YAML values: steps=500 llm=none "
+                        "model_overrides.patch_len=20 data.windows=w.npy data.corpus=c.jsonl")
+    p.add_argument("--run-dir", required=True, help="directory for config, metrics, checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--llm", default=None, help="frozen LLM: a local model path or name (default SmolLM2-135M-Instruct)")
+    p.set_defaults(func=_run_tokenizer)
+
+
+def _run_tokenizer(args) -> int:
+    from fmri_bench.tokenizer_train import load_config, train
+
+    overrides = list(args.overrides) + ([f"llm={args.llm}"] if args.llm else [])
+    res = train(load_config(args.config, overrides), args.run_dir, resume=args.resume)
+    last = [r for r in res["history"] if "loss" in r]
+    loss = f"{last[-1]['loss']:.4f}" if last else "n/a"
+    print(f"step {res['step']}: train loss {loss}, val {res['val'] or 'n/a'}, "
+          f"{res['clips_per_s']:.1f} clips/s -> {args.run_dir}")
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 _COMMANDS = [_add_flatten, _add_book, _add_pretrain, _add_simulate, _add_probe, _add_baseline, _add_parcellate,
-             _add_describe]
+             _add_describe, _add_tokenizer]
 
 
 def build_parser() -> argparse.ArgumentParser:

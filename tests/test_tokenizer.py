@@ -1,0 +1,207 @@
+"""The neural tokenizer: VQ round trip and code usage, gradient reversal, soft SigLIP, exact
+resume, one-line errors (tiny shapes, offline, no LLM: text features are random stand-ins)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fmri_bench import cli
+from fmri_bench import tokenizer_train as tt
+from fmri_bench.errors import InputError
+from fmri_bench.models.tokenizer import (
+    NeuralTokenizer, Quantiser, codebook_usage, grad_reverse, grl_strength, soft_siglip_loss, tokenizer_config)
+
+SMALL = dict(n_parcels=12, n_frames=32, patch_len=8, embed_dim=32, depth=1, decoder_depth=1, num_heads=2,
+             code_dim=8, codebook_size=16, llm_dim=16, align_dim=16, adv_hidden=16)
+
+
+def test_vq_round_trip_and_code_usage(one_thread):
+    """Points drawn around 8 well-separated unit directions: after k-means init + EMA the
+    quantiser maps each to (almost) its centre and uses at least 8 codes."""
+    torch.manual_seed(0)
+    cfg = tokenizer_config("tiny", code_dim=8, codebook_size=16, cosine=True)
+    q = Quantiser(cfg, 8)
+    centres = torch.nn.functional.normalize(torch.randn(8, 8), dim=-1)
+    label = torch.randint(0, 8, (4, 256))
+    h = centres[label] + 0.01 * torch.randn(4, 256, 8)
+    q.train()
+    for _ in range(5):
+        out, idx, _ = q.vq(h)
+    out, idx, _ = q.vq(h)
+    err = ((out - torch.nn.functional.normalize(h, dim=-1)) ** 2).sum(-1).mean()
+    assert err < 0.01
+    # codes do not mix clusters: every used code holds points of one cluster only
+    for code in torch.unique(idx):
+        assert len(torch.unique(label[idx == code])) == 1
+    use = codebook_usage(idx, 16)
+    assert use["used"] >= 8 and use["perplexity"] > 6
+
+
+def test_codebook_usage_numbers():
+    idx = torch.tensor([0, 0, 1, 1])
+    u = codebook_usage(idx, 4)
+    assert u["used"] == 2 and u["dead_fraction"] == 0.5 and abs(u["perplexity"] - 2.0) < 1e-9
+
+
+def test_grad_reverse_flips_gradient():
+    x = torch.randn(5, requires_grad=True)
+    (grad_reverse(x, 0.3) * torch.arange(5.0)).sum().backward()
+    assert torch.allclose(x.grad, -0.3 * torch.arange(5.0))
+    assert grl_strength(0.0) == 0.0 and 0.99 < grl_strength(1.0) < 1.0
+
+
+def test_adversarial_gradient_reaches_encoder(one_thread):
+    """Only the adversarial loss: the encoder gets a gradient, opposite in sign to the one it
+    would get without the reversal."""
+    torch.manual_seed(0)
+    m = NeuralTokenizer(tokenizer_config("tiny", **SMALL))
+    x, words = torch.randn(2, 32, 12), torch.randn(40, 16)
+    grads = []
+    for strength in (1.0, -1.0):
+        m.zero_grad()
+        feats = m.encode(x)
+        loss, _ = m.align.adversarial(feats, words, strength, torch.Generator().manual_seed(0))
+        loss.backward()
+        grads.append(m.patch_embed.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], -grads[1], atol=1e-6)
+
+
+def test_siglip_matched_lower_than_shuffled():
+    g = torch.Generator().manual_seed(0)
+    t = torch.nn.functional.normalize(torch.randn(16, 32, generator=g), dim=-1)
+    f = torch.nn.functional.normalize(t + 0.1 * torch.randn(16, 32, generator=g), dim=-1).requires_grad_()
+    matched = soft_siglip_loss(f, t, 0.125)
+    shuffled = soft_siglip_loss(f, t[torch.randperm(16, generator=g)], 0.125)
+    assert matched < shuffled
+    matched.backward()
+    assert torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
+
+
+def test_forward_shapes_and_losses(one_thread):
+    torch.manual_seed(0)
+    m = NeuralTokenizer(tokenizer_config("tiny", **SMALL))
+    out = m(torch.randn(3, 32, 12), torch.randn(3, 16), torch.randn(40, 16))
+    assert out.quantized.shape == (3, 12 * 4, 8) and out.indices.shape == (3, 48)
+    assert out.recon.shape == (3, 32, 12)
+    assert {"recon", "commit", "adv", "siglip", "total"} <= set(out.losses)
+    with pytest.raises(InputError, match="expects"):
+        m(torch.randn(3, 32, 11))
+
+
+def test_fsq_option(one_thread):
+    m = NeuralTokenizer(tokenizer_config("tiny", **{**SMALL, "quantizer": "fsq", "fsq_levels": [4, 4], "code_dim": 2}))
+    out = m(torch.randn(2, 32, 12))
+    assert out.indices.max() < 16 and m.quantiser.n_codes == 16
+
+
+def test_bad_config_keys():
+    with pytest.raises(InputError, match="unknown tokenizer setting"):
+        tokenizer_config("tiny", depht=3)
+    with pytest.raises(InputError, match="unknown tokenizer preset"):
+        tokenizer_config("huge")
+    with pytest.raises(InputError, match="bogus"):
+        tt.load_config(None, ["bogus=1"])
+
+
+def _cfg(tmp_path, **kw):
+    over = ["preset=tiny", "model_overrides={n_parcels: 12, n_frames: 32, patch_len: 8, embed_dim: 32, depth: 1, "
+            "decoder_depth: 1, num_heads: 2, code_dim: 8, codebook_size: 16}", "llm=none", "progress=false",
+            "steps=6", "log_every=1", "eval_every=3", "ckpt_every=2", "batch_size=4",
+            "data.n_subjects=6", "data.windows_per_subject=2"]
+    return tt.load_config(None, over + [f"{k}={v}" for k, v in kw.items()])
+
+
+def _feats(n):
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(n, 16, generator=g), torch.randn(30, 16, generator=g)
+
+
+def test_resume_is_exact(tmp_path, one_thread):
+    cfg = _cfg(tmp_path)
+    data = tt.synthetic_windows(6, 2, 32, 12, 0)
+    full = tt.train(cfg, tmp_path / "a", data=data, text_feats=_feats(12))
+    tt.train(cfg, tmp_path / "b", data=data, text_feats=_feats(12), stop_at=4)
+    resumed = tt.train(cfg, tmp_path / "b", resume=True, data=data, text_feats=_feats(12))
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    def strip(recs):  # timings differ run to run; every loss and eval number must agree
+        return [{k: v for k, v in r.items() if k != "clips_s"} for r in recs]
+
+    assert strip(tt.read_metrics(tmp_path / "a")) == strip(tt.read_metrics(tmp_path / "b"))
+    assert (tmp_path / "b" / "tokenizer.pt").is_file()
+    again = tt.load_tokenizer(tmp_path / "b" / "tokenizer.pt").state_dict()
+    assert all(torch.equal(a[k], again[k]) for k in a)
+
+
+def test_run_dir_refuses_overwrite_and_other_config(tmp_path, one_thread):
+    data = tt.synthetic_windows(6, 2, 32, 12, 0)
+    tt.train(_cfg(tmp_path, steps=2), tmp_path / "r", data=data, text_feats=_feats(12))
+    with pytest.raises(InputError, match="already holds a checkpoint"):
+        tt.train(_cfg(tmp_path, steps=2), tmp_path / "r", data=data, text_feats=_feats(12))
+    with pytest.raises(InputError, match="different config"):
+        tt.train(_cfg(tmp_path, steps=2, lr=0.5), tmp_path / "r", resume=True, data=data, text_feats=_feats(12))
+
+
+def test_training_reduces_reconstruction(tmp_path, one_thread):
+    data = tt.synthetic_windows(6, 2, 32, 12, 0)
+    res = tt.train(_cfg(tmp_path, steps=40, lr=3e-3, eval_every=40), None, data=data, text_feats=_feats(12))
+    recs = [r["recon"] for r in res["history"] if "recon" in r]
+    assert np.mean(recs[-5:]) < 0.8 * np.mean(recs[:3])
+
+
+def test_real_data_inputs(tmp_path, one_thread):
+    w = np.random.default_rng(0).standard_normal((4, 32, 12)).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "subject": f"s{i}"}) + "\n" for i in range(3)))
+    cfg = _cfg(tmp_path, **{"data.synthetic": "false", "data.windows": str(tmp_path / "w.npy"),
+                            "data.corpus": str(tmp_path / "c.jsonl")})
+    with pytest.raises(InputError, match="3 corpus records for 4 windows"):
+        tt.train(cfg, None)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["steps=2", "nosuch=1"], "nosuch"),
+    (["--llm", "/no/such/model", "steps=1"], "LLM path not found"),
+    (["data.synthetic=false", "data.windows=/no/w.npy", "data.corpus=/no/c.jsonl", "llm=none"], "file not found"),
+])
+def test_cli_bad_inputs_exit_2(tmp_path, capsys, argv, msg):
+    rc = cli.main(["tokenizer", "--run-dir", str(tmp_path / "r"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and msg in err and len(err.splitlines()) == 1
+
+
+def test_mae_tokenizer_quantises_frozen_patch_features(tmp_path, one_thread):
+    """The flat-map MAE as tokenizer: codes per brain patch, MAE frozen, heads trainable."""
+    from fmri_bench.models.mae import MaskedAutoencoderViT, preset_config
+    from fmri_bench.models.tokenizer import MAEFeatures, MAETokenizer
+
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(preset_config("mae_vit_tiny", img_size=(16, 32), num_frames=16, depth=1, decoder_depth=1))
+    mae.save_pretrained(tmp_path / "mae.pt")
+    feats = MAEFeatures.from_pretrained(tmp_path / "mae.pt")
+    tok = MAETokenizer(feats, tokenizer_config("tiny", **{**SMALL, "llm_dim": 16}))
+    clips, mask = torch.randn(3, 1, 16, 16, 32), torch.ones(16, 32, dtype=torch.bool)
+    out = tok(clips, mask, torch.randn(3, 16), torch.randn(40, 16))
+    n_patches = (16 // 8) * (32 // 8)
+    assert out.indices.shape == (3, n_patches) and out.quantized.shape == (3, n_patches, 8)
+    out.losses["total"].backward()
+    assert all(p.grad is None for p in feats.parameters())
+    assert tok.quantiser.proj[0].weight.grad.abs().sum() > 0
+    tok.train()
+    assert not feats.mae.training
+
+
+@pytest.mark.parametrize("name", ["tokenizer_tiny_cpu.yaml", "tokenizer_paper.yaml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / name
+    cfg = tt.load_config(str(path))
+    mcfg = tokenizer_config(cfg.preset, **cfg.model_overrides)
+    assert mcfg.n_frames % mcfg.patch_len == 0
+    if cfg.preset == "paper":
+        assert (mcfg.embed_dim, mcfg.depth, mcfg.num_heads, mcfg.codebook_size, mcfg.code_dim) == (384, 12, 6, 8192, 128)
+        assert mcfg.siglip_temperature == 0.125 and mcfg.adv_weight == 0.5 and mcfg.ema_decay == 0.99
