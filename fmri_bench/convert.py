@@ -71,6 +71,9 @@ class FlattenSummary:
 # ----------------------------------------------------------------------------- keys
 
 
+MAX_TR = 60.0  # seconds; a larger TR is almost surely milliseconds or a typo
+
+
 def _stem(name: str) -> str:
     for suffix in _SUFFIXES:
         if name.lower().endswith(suffix):
@@ -172,6 +175,10 @@ def convert_run(item, key: str, space: str | None = None, tr: float = 1.0,
     from fmri_bench.preprocess import preprocess_run
 
     run = load_run(item, space=space, tr=input_tr, events=events)
+    if run.tr is not None and not 0.05 <= run.tr <= MAX_TR:
+        src = item[0] if isinstance(item, tuple) else item
+        raise InputError(f"header TR {run.tr:g} s is implausible (a GIFTI TimeStep in seconds instead "
+                         f"of ms, or a wrong unit?): give the TR in seconds with --input-tr", src)
     mapper = _mapper(run.space)
     bold, tr_out = preprocess_run(run, mapper, tr=tr)  # (T', n_pixels) float16
     meta = {
@@ -276,8 +283,16 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
         raise InputError("--shard-size and --workers must be >= 1")
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise InputError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
-    if not tr > 0 or (input_tr is not None and not input_tr > 0):
-        raise InputError("--tr and --input-tr must be > 0 seconds")
+    for name, value in (("--tr", tr), ("--input-tr", input_tr)):
+        if value is not None and not 0.05 <= value <= MAX_TR:
+            hint = " (that looks like milliseconds: give seconds)" if value > MAX_TR and value != float("inf") else ""
+            raise InputError(f"{name} must be a repetition time in seconds in [0.05, {MAX_TR:g}], got {value}{hint}")
+    seen_inputs: dict[str, str] = {}
+    for p in inputs:
+        real = os.path.realpath(p)
+        if real in seen_inputs:
+            raise InputError(f"given twice (also as {seen_inputs[real]}): list each input once", p)
+        seen_inputs[real] = p
     if events is not None:
         events = list(events)
         if len(events) != len(inputs):

@@ -39,6 +39,7 @@ from fmri_bench.models.mae import (
     MaskedAutoencoderViT,
     build_model,
     check_keys,
+    load_checkpoint,
     save_checkpoint,
 )
 from fmri_bench.paths import atomic_save
@@ -515,7 +516,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
             dist.broadcast_object_list(box, src=0)
             ckpt_path = None if box[0] is None else Path(box[0])
     if ckpt_path is not None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(ckpt_path)
+        if not isinstance(ckpt, dict) or not {"train", "state_dict"} <= set(ckpt):
+            raise InputError("not a training checkpoint written by pretrain (no training state)", ckpt_path)
         state = ckpt["train"]
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
