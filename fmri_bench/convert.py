@@ -220,6 +220,18 @@ def _check_out_dir(out: Path) -> None:
         raise InputError(f"output directory is not writable ({err.strerror or err})", out) from None
 
 
+def _remove_leftovers(out: Path, prefix: str, shard_index: int, num_shards: int) -> None:
+    """Remove what a killed run of this job left in ``out``: its shard temp files
+    (``{prefix}-N.tar.tmp``) and the spill folders of flatten processes that are gone."""
+    from fmri_bench.paths import remove_dead_work
+
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6,}})\.tar\.tmp$")
+    for path in out.iterdir():
+        if (m := pattern.match(path.name)) and int(m.group(1)) % num_shards == shard_index:
+            path.unlink(missing_ok=True)
+    remove_dead_work(out, r"\.flatten-(?P<pid>\d+)-.*")
+
+
 def _existing_shards(out: Path, prefix: str, shard_index: int, num_shards: int) -> dict[int, Path]:
     """This job's finished shards in ``out`` (index -> path, by index)."""
     from fmri_bench.shards import finished_shards
@@ -302,6 +314,7 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
         raise InputError("give one of --resume and --overwrite")
     out = Path(out)
     _check_out_dir(out)
+    _remove_leftovers(out, prefix, shard_index, num_shards)
     existing = _existing_shards(out, prefix, shard_index, num_shards)
     if existing and not (resume or overwrite):
         names = ", ".join(p.name for p in list(existing.values())[:2]) + (", ..." if len(existing) > 2 else "")
@@ -363,7 +376,7 @@ def _run_all(jobs: list, workers: int, out: Path):
             yield _convert_safe(*job)
         return
     # fork: workers inherit the flat-map operators already loaded (and test doubles)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".flatten-") as spill, ProcessPoolExecutor(
+    with tempfile.TemporaryDirectory(dir=out, prefix=f".flatten-{os.getpid()}-") as spill, ProcessPoolExecutor(
             max_workers=min(workers, len(jobs)), initializer=_init_worker,
             mp_context=multiprocessing.get_context("fork")) as pool:
         pending: deque = deque()

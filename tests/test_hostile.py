@@ -144,3 +144,50 @@ def test_save_cleans_temp_files_of_a_killed_save(tmp_path):
     stale.write_bytes(b"half")
     save_checkpoint(tmp_path / "checkpoint.pt", {"x": torch.zeros(2)})
     assert not stale.exists() and (tmp_path / "checkpoint.pt").is_file()
+
+
+# --- what a killed run leaves behind is cleaned by the next run of the same command --------
+
+DEAD_PID = 2 ** 22 + 12345  # above the default pid_max: no such process
+
+
+def test_simulate_removes_a_killed_runs_partial_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMRI_BENCH_DATA", str(tmp_path / "data"))
+    stale = tmp_path / f".cohort.partial-{DEAD_PID}"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "x.npy").write_bytes(b"0" * 100)
+    live = tmp_path / f".cohort.partial-{os.getppid()}"  # a running process: kept
+    live.mkdir()
+    from fmri_bench.paths import remove_dead_work
+
+    removed = remove_dead_work(tmp_path, r"\.cohort\.partial-(?P<pid>\d+)")
+    assert removed == [stale] and not stale.exists() and live.exists()
+
+
+def test_flatten_removes_a_killed_runs_temp_files(tmp_path, run8, monkeypatch):
+    out = tmp_path / "out"
+    (out / f".flatten-{DEAD_PID}-abc").mkdir(parents=True)
+    (out / f".flatten-{DEAD_PID}-abc" / "tmp1.npy").write_bytes(b"0" * 100)
+    (out / "shard-000000.tar.tmp").write_bytes(b"half")
+    (out / "shard-000001.tar.tmp").write_bytes(b"other job's")  # job 1 of 2: not ours
+    monkeypatch.setitem(convert._MAPPERS, "fs_LR_32k", _ToyMapper())
+    summary = convert.flatten([run8], out, progress=False, num_shards=2, shard_index=0)
+    assert summary.runs == 1
+    assert not list(out.glob(".flatten-*")) and not (out / "shard-000000.tar.tmp").exists()
+    assert (out / "shard-000001.tar.tmp").exists()
+
+
+class _ToyMapper:
+    space, n_vertices = "fs_LR_32k", FSLR_N_CORTEX
+
+    def __init__(self):
+        self.mask = np.ones((2, 3), bool)
+        self.n_pixels = 6
+        self.verts = np.arange(6)
+
+    def to_pixels(self, x):
+        return np.atleast_2d(np.asarray(x, np.float32))[:, self.verts]
+
+    def grid_meta(self):
+        return {"space": self.space, "shape": [2, 3], "bbox": [0.0, 3.0, 0.0, 2.0],
+                "pixel_size": 1.0, "max_edge_mm": 16.0}
