@@ -137,6 +137,12 @@ def test_checkpoint_bytes_reproducible_for_same_seed(tmp_path):
         torch.manual_seed(0)
         build_model("mae_vit_tiny", **TINY).save_pretrained(tmp_path / name / "model.pt")
     assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+    # across processes too: torch names the zip records after the file it writes, so a
+    # per-process temp name inside the archive would change the bytes from run to run
+    import zipfile
+
+    names = zipfile.ZipFile(tmp_path / "a" / "model.pt").namelist()
+    assert names and not any(".tmp-" in n or str(os.getpid()) in n for n in names), names
 
 
 def test_save_cleans_temp_files_of_a_killed_save(tmp_path):
