@@ -361,7 +361,8 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
             bar.update(1)
     bar.close()
     summary.shards = [str(p) for p in sink.paths]
-    if overwrite:  # the earlier call's shards this one did not write again
+    if overwrite and summary.runs:  # the earlier call's shards this one did not write again
+        # (kept when nothing new was written: a mistyped input must not delete earlier work)
         for path in set(existing.values()) - set(sink.paths):
             path.unlink(missing_ok=True)
     summary.seconds = time.perf_counter() - t0
