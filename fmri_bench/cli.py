@@ -168,6 +168,16 @@ def _run_probe(args) -> int:
     methods = args.methods or (args.name,)
     if args.methods is None and args.name not in ("fc", "parcel_mlp", "depth0", "random_init", "chance"):
         raise InputError(f"unknown baseline {args.name!r}; expected fc, parcel_mlp, depth0, random_init or chance")
+    if args.out:  # check where the results go before the compute, not after it
+        from pathlib import Path
+
+        for parent in Path(args.out).resolve().parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise InputError("cannot write results under a file (a parent of --out is a file)", parent)
+                break
+        if Path(args.out).is_dir():
+            raise InputError("--out is a folder; give a results .json path", args.out)
     config = None
     if args.methods is None and args.checkpoint is not None:
         from fmri_bench.harness import load_encoder

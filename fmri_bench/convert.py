@@ -71,6 +71,9 @@ class FlattenSummary:
 # ----------------------------------------------------------------------------- keys
 
 
+MAX_TR = 60.0  # seconds; a larger TR is almost surely milliseconds or a typo
+
+
 def _stem(name: str) -> str:
     for suffix in _SUFFIXES:
         if name.lower().endswith(suffix):
@@ -172,6 +175,10 @@ def convert_run(item, key: str, space: str | None = None, tr: float = 1.0,
     from fmri_bench.preprocess import preprocess_run
 
     run = load_run(item, space=space, tr=input_tr, events=events)
+    if run.tr is not None and not 0.05 <= run.tr <= MAX_TR:
+        src = item[0] if isinstance(item, tuple) else item
+        raise InputError(f"header TR {run.tr:g} s is implausible (a GIFTI TimeStep in seconds instead "
+                         f"of ms, or a wrong unit?): give the TR in seconds with --input-tr", src)
     mapper = _mapper(run.space)
     bold, tr_out = preprocess_run(run, mapper, tr=tr)  # (T', n_pixels) float16
     meta = {
@@ -211,6 +218,18 @@ def _check_out_dir(out: Path) -> None:
         os.unlink(probe)
     except OSError as err:
         raise InputError(f"output directory is not writable ({err.strerror or err})", out) from None
+
+
+def _remove_leftovers(out: Path, prefix: str, shard_index: int, num_shards: int) -> None:
+    """Remove what a killed run of this job left in ``out``: its shard temp files
+    (``{prefix}-N.tar.tmp``) and the spill folders of flatten processes that are gone."""
+    from fmri_bench.paths import remove_dead_work
+
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6,}})\.tar\.tmp$")
+    for path in out.iterdir():
+        if (m := pattern.match(path.name)) and int(m.group(1)) % num_shards == shard_index:
+            path.unlink(missing_ok=True)
+    remove_dead_work(out, r"\.flatten-(?P<pid>\d+)-.*")
 
 
 def _existing_shards(out: Path, prefix: str, shard_index: int, num_shards: int) -> dict[int, Path]:
@@ -276,8 +295,16 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
         raise InputError("--shard-size and --workers must be >= 1")
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise InputError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
-    if not tr > 0 or (input_tr is not None and not input_tr > 0):
-        raise InputError("--tr and --input-tr must be > 0 seconds")
+    for name, value in (("--tr", tr), ("--input-tr", input_tr)):
+        if value is not None and not 0.05 <= value <= MAX_TR:
+            hint = " (that looks like milliseconds: give seconds)" if value > MAX_TR and value != float("inf") else ""
+            raise InputError(f"{name} must be a repetition time in seconds in [0.05, {MAX_TR:g}], got {value}{hint}")
+    seen_inputs: dict[str, str] = {}
+    for p in inputs:
+        real = os.path.realpath(p)
+        if real in seen_inputs:
+            raise InputError(f"given twice (also as {seen_inputs[real]}): list each input once", p)
+        seen_inputs[real] = p
     if events is not None:
         events = list(events)
         if len(events) != len(inputs):
@@ -287,6 +314,7 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
         raise InputError("give one of --resume and --overwrite")
     out = Path(out)
     _check_out_dir(out)
+    _remove_leftovers(out, prefix, shard_index, num_shards)
     existing = _existing_shards(out, prefix, shard_index, num_shards)
     if existing and not (resume or overwrite):
         names = ", ".join(p.name for p in list(existing.values())[:2]) + (", ..." if len(existing) > 2 else "")
@@ -333,7 +361,8 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
             bar.update(1)
     bar.close()
     summary.shards = [str(p) for p in sink.paths]
-    if overwrite:  # the earlier call's shards this one did not write again
+    if overwrite and summary.runs:  # the earlier call's shards this one did not write again
+        # (kept when nothing new was written: a mistyped input must not delete earlier work)
         for path in set(existing.values()) - set(sink.paths):
             path.unlink(missing_ok=True)
     summary.seconds = time.perf_counter() - t0
@@ -348,7 +377,7 @@ def _run_all(jobs: list, workers: int, out: Path):
             yield _convert_safe(*job)
         return
     # fork: workers inherit the flat-map operators already loaded (and test doubles)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".flatten-") as spill, ProcessPoolExecutor(
+    with tempfile.TemporaryDirectory(dir=out, prefix=f".flatten-{os.getpid()}-") as spill, ProcessPoolExecutor(
             max_workers=min(workers, len(jobs)), initializer=_init_worker,
             mp_context=multiprocessing.get_context("fork")) as pool:
         pending: deque = deque()

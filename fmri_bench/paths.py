@@ -69,3 +69,35 @@ def atomic_save(save, path: str | os.PathLike) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (signal 0 probes without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_work(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """Remove entries of ``folder`` matching ``pattern`` (a regex whose group ``pid`` is the
+    writer's process id) whose process is gone: what a killed run left -> the removed paths."""
+    import re
+    import shutil
+
+    rx, removed = re.compile(pattern), []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = rx.fullmatch(path.name)
+        if m and int(m.group("pid")) != os.getpid() and not pid_alive(int(m.group("pid"))):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -75,9 +75,6 @@ class RunDir:
 
         save_checkpoint(self.checkpoint_path, obj)
 
-    def load_checkpoint(self) -> dict:
-        return torch.load(self.resume_from, map_location="cpu", weights_only=True)
-
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The records of ``metrics.jsonl``: train records have ``loss``, eval records ``val_loss``."""

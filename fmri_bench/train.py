@@ -34,7 +34,7 @@ import yaml
 from fmri_bench import distributed
 from fmri_bench.errors import InputError
 from fmri_bench.grid import downsample
-from fmri_bench.models.mae import CHECKPOINT_FORMAT, MaskedAutoencoderViT, check_keys, preset_config
+from fmri_bench.models.mae import CHECKPOINT_FORMAT, MaskedAutoencoderViT, check_keys, load_checkpoint, preset_config
 from fmri_bench.paths import atomic_save
 from fmri_bench.rundir import RunDir, read_metrics, rng_state, set_rng_state
 from fmri_bench.streams import ShardStream, SyntheticClips, SyntheticStream, val_batches
@@ -243,7 +243,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
     resume_from = dd.broadcast(None if run is None or run.resume_from is None else str(run.resume_from))
     step, history = 0, []
     if resume_from is not None:
-        ckpt = torch.load(resume_from, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(resume_from)
+        if not isinstance(ckpt, dict) or not {"train", "state_dict"} <= set(ckpt):
+            raise InputError("not a training checkpoint written by pretrain (no training state)", resume_from)
         state = ckpt["train"]
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(state["optimizer"])

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -480,18 +482,44 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
-    """torch.save to ``path`` atomically (temporary file in the same directory, then rename)."""
-    atomic_save(lambda tmp: torch.save(obj, tmp), path)
+    """torch.save to ``path`` atomically (temporary file in the same directory, then rename).
+
+    The archive is serialised to memory first: torch names the zip's record prefix after the
+    file it writes to, so writing straight to the temporary file would put its (per-process)
+    name inside the archive and the same seed would not give the same bytes. Temporary files
+    left by an earlier killed save of the same ``path`` are removed first.
+    """
+    path = Path(path)
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".tmp-*-{path.name}"):
+            stale.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    atomic_save(lambda tmp: Path(tmp).write_bytes(data), path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with any failure (truncated, random, foreign or
+    pickled-object file) as a one-line ``InputError``; the message never suggests unsafe loading."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        kind = type(err).__name__
+        if "weights_only" in str(err) or kind == "UnpicklingError":
+            why = "it holds objects other than tensors and plain values (not written by fmri_bench)"
+        else:
+            why = f"truncated or not a torch file ({kind})"
+        raise InputError(f"cannot read as a torch checkpoint: {why}", path) from None
 
 
 def from_pretrained(path: str | os.PathLike, map_location="cpu") -> MaskedAutoencoderViT:
     """Rebuild a ``MaskedAutoencoderViT`` from a file written by ``save_pretrained`` or by training."""
+    if os.path.isdir(path):
+        raise InputError("is a folder, not a model file (give the model.pt or checkpoint.pt inside it)", path)
     if not os.path.isfile(path):
         raise InputError("no such model file", path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # a truncated or foreign file
-        raise InputError(f"cannot read as a torch checkpoint ({type(err).__name__}: {err})", path) from None
+    ckpt = load_checkpoint(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"not an fmri_bench MAE checkpoint (expected format {CHECKPOINT_FORMAT!r})", path)
     model = MaskedAutoencoderViT(MAEConfig.from_dict(dict(ckpt["config"]), source=os.fspath(path)))

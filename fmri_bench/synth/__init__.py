@@ -64,11 +64,13 @@ def simulate(profile: str | Profile, out, subjects: int | None = None, seed: int
     else never is).
     """
     import os
+    import re
     import shutil
 
     import numpy as np
     from tqdm.auto import tqdm
 
+    from fmri_bench.paths import remove_dead_work
     from fmri_bench.synth import writer
     from fmri_bench.synth.generate import Synthesizer
 
@@ -85,6 +87,7 @@ def simulate(profile: str | Profile, out, subjects: int | None = None, seed: int
             raise InputError("output directory already holds a simulated cohort: "
                              "pass --overwrite to replace it", final)
     writer.check_out_dir(final)
+    remove_dead_work(final.parent, rf"\.{re.escape(final.name)}\.partial-(?P<pid>\d+)")  # a killed run's
     out = final.parent / f".{final.name}.partial-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     writer.check_out_dir(out)

@@ -1,0 +1,208 @@
+"""Hostile inputs: one row per bad input or fault.
+
+Each row: a builder that makes the input in ``tmp_path`` and returns the argv for
+``fmri_bench.cli.main``, the expected exit code, a fragment the one-line message must hold, and
+glob patterns that must match nothing afterwards (files a run must not leave behind).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from fmri_bench import convert
+from fmri_bench.cli import main
+from fmri_bench.io import FSLR_N_CORTEX, write_cifti
+from fmri_bench.models.mae import build_model, save_checkpoint
+
+TINY = dict(img_size=(16, 32), patch_size=8, num_frames=4, t_patch_size=2, embed_dim=16, depth=1,
+            num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def run8(tmp_path_factory):
+    x = (np.random.default_rng(1).standard_normal((8, FSLR_N_CORTEX)) * 3 + 10).astype(np.float32)
+    return write_cifti(tmp_path_factory.mktemp("cifti") / "run8.dtseries.nii", x, tr=1.0)
+
+
+# --- input builders: (tmp_path, run8) -> argv -------------------------------------------
+
+def _ckpt(tmp, data: bytes) -> str:
+    p = tmp / "ckpt.pt"
+    p.write_bytes(data)
+    return str(p)
+
+
+def _probe(path) -> list[str]:
+    return ["baseline", "depth0", "--checkpoint", str(path), "--task", "state21", "--seeds", "1"]
+
+
+def _truncated_ckpt(tmp, run8):
+    buf = io.BytesIO()
+    torch.save({"format": "x", "w": torch.zeros(100)}, buf)
+    return _probe(_ckpt(tmp, buf.getvalue()[:200]))
+
+
+def _random_ckpt(tmp, run8):
+    return _probe(_ckpt(tmp, np.random.default_rng(0).bytes(4096)))
+
+
+def _pickled_object_ckpt(tmp, run8):  # a non-tensor pickle: torch's error recommends weights_only=False
+    buf = io.BytesIO()
+    torch.save({"obj": Path("x")}, buf)
+    return _probe(_ckpt(tmp, buf.getvalue()))
+
+
+def _folder_ckpt(tmp, run8):
+    (tmp / "run").mkdir()
+    return _probe(tmp / "run")
+
+
+def _flatten(*extra):
+    def build(tmp, run8):
+        return ["flatten", str(run8), "--out", str(tmp / "out"), *extra]
+    return build
+
+
+def _out_under_file(tmp, run8):
+    (tmp / "afile").write_text("x")
+    return ["baseline", "chance", "--task", "state21", "--data", str(tmp / "nodata"),
+            "--out", str(tmp / "afile" / "r.json")]
+
+
+def _twice(tmp, run8):
+    return ["flatten", str(run8), str(run8), "--out", str(tmp / "out")]
+
+
+def _overwrite_with_nothing_new(tmp, run8):
+    assert main(["flatten", str(run8), "--out", str(tmp / "out")]) == 0
+    return ["flatten", str(tmp / "mistyped.dtseries.nii"), "--out", str(tmp / "out"), "--overwrite"]
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable
+    code: int
+    fragment: str
+    left_behind: tuple = ()
+
+
+CASES = [
+    Case("truncated checkpoint", _truncated_ckpt, 2, "cannot read as a torch checkpoint"),
+    Case("random-bytes checkpoint", _random_ckpt, 2, "cannot read as a torch checkpoint"),
+    Case("pickled-object checkpoint", _pickled_object_ckpt, 2, "not written by fmri_bench"),
+    Case("folder as checkpoint", _folder_ckpt, 2, "is a folder"),
+    Case("--tr in ms", _flatten("--tr", "1000"), 2, "milliseconds", ("out/*.tar",)),
+    Case("--tr inf", _flatten("--tr", "inf"), 2, "--tr must be", ("out/*.tar",)),
+    Case("--input-tr inf", _flatten("--input-tr", "inf"), 2, "--input-tr must be", ("out/*.tar",)),
+    Case("--input-tr 0.002", _flatten("--input-tr", "0.002"), 2, "--input-tr must be", ("out/*.tar",)),
+    Case("probe --out under a file", _out_under_file, 2, "under a file"),
+    Case("--overwrite, nothing new written", _overwrite_with_nothing_new, 2, "mistyped"),
+    Case("same input twice", _twice, 2, "given twice", ("out/*.tar",)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_input(case, tmp_path, run8, capsys, monkeypatch):
+    monkeypatch.setenv("FMRI_BENCH_DATA", str(tmp_path / "data"))
+    argv = case.build(tmp_path, run8)
+    capsys.readouterr()
+    assert main(argv) == case.code
+    err = capsys.readouterr().err.strip()
+    assert case.fragment in err, err
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if "run/s]" not in ln and ln.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err  # progress-bar lines aside
+    assert "weights_only=False" not in err
+    for pattern in case.left_behind:
+        assert not list(tmp_path.glob(pattern)), pattern
+    if case.name.startswith("--overwrite"):  # the earlier shard survives
+        assert (tmp_path / "out" / "shard-000000.tar").is_file()
+
+
+def test_gifti_timestep_in_seconds_is_refused(tmp_path, rng):
+    """A header TR of 0.002 s (GIFTI TimeStep 2 read as ms) would collapse the run to one frame."""
+    from fmri_bench.io import load_run
+
+    mapper_space = "fs_LR_32k"
+    x = rng.standard_normal((8, FSLR_N_CORTEX)).astype(np.float32)
+    path = write_cifti(tmp_path / "run.dtseries.nii", x, tr=0.002)
+    assert load_run(path).tr == pytest.approx(0.002)
+    with pytest.raises(convert.InputError, match="implausible"):
+        convert.convert_run(path, "run", space=mapper_space)
+
+
+# --- checkpoint saves -------------------------------------------------------------------
+
+def test_checkpoint_bytes_reproducible_for_same_seed(tmp_path):
+    for name in ("a", "b"):
+        torch.manual_seed(0)
+        build_model("mae_vit_tiny", **TINY).save_pretrained(tmp_path / name / "model.pt")
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+    # across processes too: torch names the zip records after the file it writes, so a
+    # per-process temp name inside the archive would change the bytes from run to run
+    import zipfile
+
+    names = zipfile.ZipFile(tmp_path / "a" / "model.pt").namelist()
+    assert names and not any(".tmp-" in n or str(os.getpid()) in n for n in names), names
+
+
+def test_save_cleans_temp_files_of_a_killed_save(tmp_path):
+    stale = tmp_path / ".tmp-12345-678-checkpoint.pt"
+    stale.write_bytes(b"half")
+    save_checkpoint(tmp_path / "checkpoint.pt", {"x": torch.zeros(2)})
+    assert not stale.exists() and (tmp_path / "checkpoint.pt").is_file()
+
+
+# --- what a killed run leaves behind is cleaned by the next run of the same command --------
+
+DEAD_PID = 2 ** 22 + 12345  # above the default pid_max: no such process
+
+
+def test_simulate_removes_a_killed_runs_partial_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMRI_BENCH_DATA", str(tmp_path / "data"))
+    stale = tmp_path / f".cohort.partial-{DEAD_PID}"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "x.npy").write_bytes(b"0" * 100)
+    live = tmp_path / f".cohort.partial-{os.getppid()}"  # a running process: kept
+    live.mkdir()
+    from fmri_bench.paths import remove_dead_work
+
+    removed = remove_dead_work(tmp_path, r"\.cohort\.partial-(?P<pid>\d+)")
+    assert removed == [stale] and not stale.exists() and live.exists()
+
+
+def test_flatten_removes_a_killed_runs_temp_files(tmp_path, run8, monkeypatch):
+    out = tmp_path / "out"
+    (out / f".flatten-{DEAD_PID}-abc").mkdir(parents=True)
+    (out / f".flatten-{DEAD_PID}-abc" / "tmp1.npy").write_bytes(b"0" * 100)
+    (out / "shard-000000.tar.tmp").write_bytes(b"half")
+    (out / "shard-000001.tar.tmp").write_bytes(b"other job's")  # job 1 of 2: not ours
+    monkeypatch.setitem(convert._MAPPERS, "fs_LR_32k", _ToyMapper())
+    summary = convert.flatten([run8], out, progress=False, num_shards=2, shard_index=0)
+    assert summary.runs == 1
+    assert not list(out.glob(".flatten-*")) and not (out / "shard-000000.tar.tmp").exists()
+    assert (out / "shard-000001.tar.tmp").exists()
+
+
+class _ToyMapper:
+    space, n_vertices = "fs_LR_32k", FSLR_N_CORTEX
+
+    def __init__(self):
+        self.mask = np.ones((2, 3), bool)
+        self.n_pixels = 6
+        self.verts = np.arange(6)
+
+    def to_pixels(self, x):
+        return np.atleast_2d(np.asarray(x, np.float32))[:, self.verts]
+
+    def grid_meta(self):
+        return {"space": self.space, "shape": [2, 3], "bbox": [0.0, 3.0, 0.0, 2.0],
+                "pixel_size": 1.0, "max_edge_mm": 16.0}
