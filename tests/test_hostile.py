@@ -20,7 +20,7 @@ import torch
 from fmri_bench import convert
 from fmri_bench.cli import main
 from fmri_bench.io import FSLR_N_CORTEX, write_cifti
-from fmri_bench.models.mae import build_model, save_checkpoint
+from fmri_bench.models.mae import MaskedAutoencoderViT, preset_config, save_checkpoint
 
 TINY = dict(img_size=(16, 32), patch_size=8, num_frames=4, t_patch_size=2, embed_dim=16, depth=1,
             num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -144,7 +144,7 @@ def test_gifti_timestep_in_seconds_is_refused(tmp_path, rng):
 def test_checkpoint_bytes_reproducible_for_same_seed(tmp_path):
     for name in ("a", "b"):
         torch.manual_seed(0)
-        build_model("mae_vit_tiny", **TINY).save_pretrained(tmp_path / name / "model.pt")
+        MaskedAutoencoderViT(preset_config("mae_vit_tiny", **TINY)).save_pretrained(tmp_path / name / "model.pt")
     assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
     # across processes too: torch names the zip records after the file it writes, so a
     # per-process temp name inside the archive would change the bytes from run to run
