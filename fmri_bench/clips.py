@@ -163,6 +163,9 @@ class ClipDataset(IterableDataset):
         self.shards = expand_urls(urls)
         if not self.shards:
             raise ValueError(f"no shards found at {urls!r}")
+        missing = [u for u in self.shards if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+        if missing:
+            raise ValueError(f"{missing[0]}: no such shard file or directory")
         self.clip_len = clip_len
         self.mode = mode
         self.oversample = oversample

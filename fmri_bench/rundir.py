@@ -1,8 +1,8 @@
 """The run directory of a training job: its config, its metrics log and its checkpoints.
 
 In: a directory and the run's config (a dict). Out, in the directory: ``config.yaml`` (checked
-against the config of a later call: a different config is refused, keys that only change how a
-run is observed may differ), ``metrics.jsonl`` (one JSON record per line) and ``checkpoint.pt``
+against the config of a later call once a checkpoint exists: a different config is refused, keys
+that only change how a run is observed may differ), ``metrics.jsonl`` (one JSON record per line) and ``checkpoint.pt``
 (written atomically, ``torch.load(weights_only=True)`` reads it). ``rng_state`` /
 ``set_rng_state`` capture every random generator a run draws from, for exact resumes.
 """
@@ -45,11 +45,15 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike, config: dict, resume: bool = False, ignore=()):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError("--run-dir is a file, not a directory", self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.config_path = self.path / "config.yaml"
         self.metrics_path = self.path / "metrics.jsonl"
         self.checkpoint_path = self.path / "checkpoint.pt"
-        if self.config_path.exists():
+        # a directory without a checkpoint holds nothing to protect (a run that failed before its
+        # first checkpoint): its config is replaced, so a corrected retry starts cleanly
+        if self.config_path.exists() and self.checkpoint_path.exists():
             old = yaml.safe_load(self.config_path.read_text()) or {}
             diff = config_diff(old, config, ignore)
             if diff:

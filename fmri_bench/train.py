@@ -34,7 +34,9 @@ import yaml
 from fmri_bench import distributed
 from fmri_bench.errors import InputError
 from fmri_bench.grid import downsample
-from fmri_bench.models.mae import CHECKPOINT_FORMAT, MaskedAutoencoderViT, check_keys, load_checkpoint, preset_config
+from fmri_bench.models.mae import (
+    CHECKPOINT_FORMAT, MaskedAutoencoderViT, check_keys, check_values, load_checkpoint, preset_config,
+)
 from fmri_bench.paths import atomic_save
 from fmri_bench.rundir import RunDir, read_metrics, rng_state, set_rng_state
 from fmri_bench.streams import ShardStream, SyntheticClips, SyntheticStream, val_batches
@@ -88,9 +90,22 @@ class TrainConfig:
         if isinstance(self.data, dict):
             check_keys(self.data, DataConfig, what="data config")
             self.data = DataConfig(**self.data)
-        self.betas = tuple(float(b) for b in self.betas)
-        if self.batch_size < 1 or self.steps < 1:
-            raise InputError(f"batch_size ({self.batch_size}) and steps ({self.steps}) must be >= 1")
+        if not isinstance(self.data, DataConfig):
+            raise InputError(f"data must be a section (a mapping of data settings), got {self.data!r}")
+        if not isinstance(self.model_overrides, dict):
+            raise InputError(f"model_overrides must be a mapping, got {self.model_overrides!r}")
+        check_values(self.data, {"downsample": 1, "oversample": 0, "shuffle_buffer": 1, "val_batches": 1},
+                     "data config", exclusive=("oversample",))
+        check_values(self, {"batch_size": 1, "steps": 1, "base_lr": 0, "warmup_steps": 0, "weight_decay": 0,
+                            "grad_clip": 0, "num_workers": 0, "num_threads": 0, "log_every": 1, "eval_every": 0,
+                            "ckpt_every": 0}, "train config", exclusive=("base_lr", "grad_clip"))
+        try:
+            betas = tuple(float(b) for b in self.betas)
+        except (TypeError, ValueError):
+            betas = ()
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise InputError(f"bad train config: betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = betas
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise InputError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -109,7 +124,10 @@ class TrainConfig:
         check_keys(d, cls, source, what="train config")
         if isinstance(d.get("data"), dict):
             check_keys(d["data"], DataConfig, source, what="data config")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except InputError as err:
+            raise InputError(err.problem, err.path or source) from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -121,8 +139,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if path is not None:
         if not os.path.isfile(path):
             raise InputError("config file not found", path)
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise InputError(f"not valid YAML{where}: {getattr(err, 'problem', None) or err}", path) from None
         if not isinstance(d, dict):
             raise InputError("config file must hold a YAML mapping", path)
     for item in overrides:
@@ -130,12 +153,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if not sep or not key:
             raise InputError(f"override {item!r} is not key=value")
         *parents, leaf = key.split(".")
-        node = d
+        node, where = d, path
         for parent in parents:
+            from_file = parent in node
             node = node.setdefault(parent, {})
             if not isinstance(node, dict):
+                if from_file and where is not None:  # the file holds a non-mapping there
+                    raise InputError(f"{parent!r} is {node!r}, not a section (a mapping of settings); "
+                                     f"fix it in the file (the override {item!r} needs it)", where)
                 raise InputError(f"override {item!r}: {parent!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+            where = where if from_file else None
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise InputError(f"override {item!r}: the value is not valid YAML") from None
     cfg = TrainConfig.from_dict(d, None if path is None else os.fspath(path))
     preset_config(cfg.model, **cfg.model_overrides)  # fail now on a bad model key, not mid-run
     return cfg

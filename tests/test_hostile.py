@@ -86,6 +86,21 @@ def _overwrite_with_nothing_new(tmp, run8):
     return ["flatten", str(tmp / "mistyped.dtseries.nii"), "--out", str(tmp / "out"), "--overwrite"]
 
 
+def _pretrain(*overrides, config: str | None = None):
+    def build(tmp, run8):
+        argv = ["pretrain", "--run-dir", str(tmp / "run"), "data.synthetic=true", *overrides]
+        if config is not None:
+            (tmp / "cfg.yaml").write_text(config)
+            argv += ["--config", str(tmp / "cfg.yaml")]
+        return argv
+    return build
+
+
+def _run_dir_is_a_file(tmp, run8):
+    (tmp / "run").write_text("x")
+    return ["pretrain", "--run-dir", str(tmp / "run"), "data.synthetic=true", "steps=1"]
+
+
 @dataclass
 class Case:
     name: str
@@ -107,6 +122,15 @@ CASES = [
     Case("probe --out under a file", _out_under_file, 2, "under a file"),
     Case("--overwrite, nothing new written", _overwrite_with_nothing_new, 2, "mistyped"),
     Case("same input twice", _twice, 2, "given twice", ("out/*.tar",)),
+    Case("steps: ten", _pretrain(config="steps: ten\n"), 2, "steps must be a whole number", ("run/*",)),
+    Case("base_lr: fast", _pretrain('base_lr="fast"'), 2, "base_lr must be a number", ("run/*",)),
+    Case("YAML syntax error", _pretrain(config="steps: [1,\n"), 2, "not valid YAML at line", ("run/*",)),
+    Case("data: [1, 2] in the file", _pretrain(config="data: [1, 2]\n"), 2, "cfg.yaml: 'data' is [1, 2], not a section",
+         ("run/*",)),
+    Case("batch_size 4.5", _pretrain("batch_size=4.5"), 2, "batch_size must be a whole number", ("run/*",)),
+    Case("depth -1", _pretrain("model_overrides.depth=-1"), 2, "depth must be >= 0", ("run/*",)),
+    Case("warmup_steps -10", _pretrain("warmup_steps=-10"), 2, "warmup_steps must be >= 0", ("run/*",)),
+    Case("--run-dir is a file", _run_dir_is_a_file, 2, "is a file, not a directory"),
 ]
 
 
@@ -206,3 +230,13 @@ class _ToyMapper:
     def grid_meta(self):
         return {"space": self.space, "shape": [2, 3], "bbox": [0.0, 3.0, 0.0, 2.0],
                 "pixel_size": 1.0, "max_edge_mm": 16.0}
+
+
+def test_a_failed_pretrain_does_not_block_a_corrected_retry(tmp_path, capsys):
+    """A run that fails before its first checkpoint leaves no config that a corrected retry is
+    refused against."""
+    run = tmp_path / "run"
+    assert main(["pretrain", "--run-dir", str(run), f"data.train_urls=[{tmp_path / 'none'}]", "steps=1"]) == 2
+    assert main(["pretrain", "--run-dir", str(run), "data.synthetic=true", "steps=1", "batch_size=2",
+                 "progress=false", "figures=false", "data.val_batches=1"]) == 0
+    assert (run / "model.pt").is_file()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import io
 import os
 from dataclasses import dataclass
@@ -106,6 +107,13 @@ class MAEConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self):
+        check_values(self, {"num_frames": 1, "patch_size": 1, "t_patch_size": 1, "in_chans": 1, "embed_dim": 1,
+                            "depth": 0, "num_heads": 1, "mlp_ratio": 0, "decoder_embed_dim": 1,
+                            "decoder_depth": 1, "decoder_num_heads": 1, "t_pred_stride": 1, "norm_eps": 0},
+                     "MAE config", exclusive=("mlp_ratio", "norm_eps"))
+        if not (isinstance(self.img_size, (list, tuple)) and len(self.img_size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.img_size)):
+            raise InputError(f"bad MAE config: img_size must be [H, W] of positive whole numbers, got {self.img_size!r}")
         self.img_size = tuple(int(s) for s in self.img_size)
         H, W = self.img_size
         p, t = self.patch_size, self.t_patch_size
@@ -164,6 +172,32 @@ def check_keys(d: dict, cls, source: str | None = None, what: str = "config") ->
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise InputError(f"unknown {what} key {key!r}{hint}; valid keys: {', '.join(names)}", source)
+
+
+def check_values(obj, minimum: dict[str, float], what: str = "config", exclusive=()) -> None:
+    """Type and range check of a config dataclass: each ``int`` / ``float`` / ``bool`` field must hold
+    that type (an int is a float; a bool is no number), and each field named in ``minimum`` must be
+    >= its bound (> for names in ``exclusive``). Floats given as ints are converted in place."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        kind, value = str(f.type), getattr(obj, f.name)
+        if kind == "bool" and not isinstance(value, bool):
+            problems.append(f"{f.name} must be true or false, got {value!r}")
+        elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            problems.append(f"{f.name} must be a whole number, got {value!r}")
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"{f.name} must be a number, got {value!r}")
+            else:
+                setattr(obj, f.name, float(value))
+    for name, low in minimum.items():
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # reported above
+        if not math.isfinite(value) or (value <= low if name in exclusive else value < low):
+            problems.append(f"{name} must be {'>' if name in exclusive else '>='} {low:g}, got {value!r}")
+    if problems:
+        raise InputError(f"bad {what}: " + "; ".join(problems))
 
 
 PRESETS: dict[str, dict] = {
