@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import yaml
 
+from fmri_bench.config import read_config, warmup_cosine
 from fmri_bench.errors import InputError
 from fmri_bench.models.tokenizer import NeuralTokenizer, codebook_usage, grl_strength, tokenizer_config
 from fmri_bench.paths import atomic_save, cache_dir
@@ -90,27 +91,7 @@ def _check_keys(d, cls, what, source=None):
 
 def load_config(path=None, overrides=()) -> TokenizerTrainConfig:
     """YAML file (or defaults) + ``key=value`` overrides (dotted keys, YAML values)."""
-    d: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise InputError("config file not found", path)
-        try:
-            d = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as err:
-            raise InputError(f"not valid YAML ({str(err).splitlines()[0]})", path) from None
-        if not isinstance(d, dict):
-            raise InputError("config file must hold a YAML mapping", path)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"override {item!r} is not key=value")
-        *parents, leaf = key.split(".")
-        node = d
-        for parent in parents:
-            node = node.setdefault(parent, {})
-            if not isinstance(node, dict):
-                raise InputError(f"override {item!r}: {parent!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+    d = read_config(path, overrides)
     src = None if path is None else os.fspath(path)
     _check_keys(d, TokenizerTrainConfig, "tokenizer train config", src)
     cfg = TokenizerTrainConfig(**d)
@@ -119,11 +100,7 @@ def load_config(path=None, overrides=()) -> TokenizerTrainConfig:
 
 
 def lr_at(cfg: TokenizerTrainConfig, step: int) -> float:
-    warmup = min(cfg.warmup_steps, cfg.steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warmup_cosine(cfg.lr, step, cfg.warmup_steps, cfg.steps)
 
 
 # --- data ------------------------------------------------------------------------------------

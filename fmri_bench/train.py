@@ -20,7 +20,6 @@ rank's data position (epoch, batches consumed); the clip streams are determinist
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import time
@@ -29,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from fmri_bench import distributed
+from fmri_bench.config import read_config, warmup_cosine
 from fmri_bench.errors import InputError
 from fmri_bench.grid import downsample
 from fmri_bench.models.mae import (
@@ -135,38 +134,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
     ``model_overrides.depth=2``, ``data.train_urls=[a.tar,b.tar]``, ``batch_size=64``.
     """
-    d: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise InputError("config file not found", path)
-        try:
-            with open(path) as f:
-                d = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise InputError(f"not valid YAML{where}: {getattr(err, 'problem', None) or err}", path) from None
-        if not isinstance(d, dict):
-            raise InputError("config file must hold a YAML mapping", path)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"override {item!r} is not key=value")
-        *parents, leaf = key.split(".")
-        node, where = d, path
-        for parent in parents:
-            from_file = parent in node
-            node = node.setdefault(parent, {})
-            if not isinstance(node, dict):
-                if from_file and where is not None:  # the file holds a non-mapping there
-                    raise InputError(f"{parent!r} is {node!r}, not a section (a mapping of settings); "
-                                     f"fix it in the file (the override {item!r} needs it)", where)
-                raise InputError(f"override {item!r}: {parent!r} is not a section")
-            where = where if from_file else None
-        try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise InputError(f"override {item!r}: the value is not valid YAML") from None
+    d = read_config(path, overrides)
     cfg = TrainConfig.from_dict(d, None if path is None else os.fspath(path))
     preset_config(cfg.model, **cfg.model_overrides)  # fail now on a bad model key, not mid-run
     return cfg
@@ -174,11 +142,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate of update ``step`` (0-based): linear warm-up, then cosine to 0."""
-    warmup = min(cfg.warmup_steps, cfg.steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warmup_cosine(cfg.lr, step, cfg.warmup_steps, cfg.steps)
 
 
 def param_groups(model: MaskedAutoencoderViT, weight_decay: float) -> list[dict]:
