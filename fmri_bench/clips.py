@@ -215,9 +215,10 @@ class ClipDataset(IterableDataset):
                 self.stats["skipped_short"] += 1
                 continue
             grid = grid_of(sample["mask"])
-            if grid.shape[0] % self.downsample or grid.shape[1] % self.downsample:
-                raise ValueError(f"{sample.get('url')}: flat map {grid.shape[0]} x {grid.shape[1]} "
-                                 f"is not divisible by downsample={self.downsample}")
+            try:
+                grid.coarse(self.downsample)
+            except ValueError as err:
+                raise ValueError(f"{sample.get('url')}: {err}") from None
             for start, label in self._starts(sample, bold.shape[0]):
                 image, mask = clip_image(clip_frames(bold, start, self.clip_len, self.clip), grid,
                                          self.downsample)

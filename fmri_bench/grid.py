@@ -101,8 +101,6 @@ def downsample(bold: torch.Tensor, mask: torch.Tensor, factor: int) -> tuple[tor
     if factor == 1:
         return bold, mask
     N, C, T, H, W = bold.shape
-    if H % factor or W % factor:
-        raise ValueError(f"flat map {H} x {W} is not divisible by downsample={factor}")
     out, masks = [], []
     for b in range(N):
         grid = grid_of(mask[b])

@@ -3,6 +3,8 @@ in the data directory like the chapters use it)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fmri_bench.harness import cohort_shards, scan_runs
@@ -23,7 +25,7 @@ def test_cohort_shards_split_subjects_by_site():
     assert len({site[s] for s in subjects["train"] | subjects["val"]}) == 1  # in distribution: one site
     assert {site[s] for s in subjects["val_ood"]} == set(site.values()) - {site[next(iter(subjects["train"]))]}
     # a second call reuses the shards
-    before = {p: p.stat().st_mtime_ns for d in dirs.values() for p in __import__("pathlib").Path(d).glob("*.tar")}
+    before = {p: p.stat().st_mtime_ns for d in dirs.values() for p in Path(d).glob("*.tar")}
     assert cohort_shards(cohort, seed=0) == dirs
     assert {p: p.stat().st_mtime_ns for p in before} == before
 

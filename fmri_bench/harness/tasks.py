@@ -22,20 +22,19 @@ import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from fmri_bench.clips import event_starts, sequential_starts
 from fmri_bench.errors import InputError
+from fmri_bench.paths import package_data
 from fmri_bench.harness.datasets import Dataset, RunInfo
 from fmri_bench.splits import check_disjoint, resplits
 
 TASKS = {"state21": "state", "sex": "trait", "age": "trait", "fluid_iq": "trait", "identify": "identify"}
 TRAITS = {"sex": None, "age": 4, "fluid_iq": 3}  # quantile classes (None: categorical)
 CLIP_LEN = 16
-_CLASS_FILE = Path(__file__).resolve().parents[1] / "data" / "hcp_task_classes.json"
 
 
 @dataclass
@@ -65,7 +64,7 @@ class Clips:
 
 def class_map() -> dict[tuple[str, str], tuple[int, str]]:
     """(PARADIGM, condition) -> (class index, class name), from hcp_task_classes.json."""
-    d = json.loads(_CLASS_FILE.read_text())
+    d = json.loads(package_data("hcp_task_classes.json").read_text())
     return {(c["paradigm"].upper(), c["condition"]): (int(c["index"]), c["name"]) for c in d["classes"]}
 
 

@@ -225,8 +225,25 @@ class LanguageAlignment(nn.Module):
         out = self.domain(grad_reverse(x, strength))
         return F.cross_entropy(out, y), (out.argmax(1) == y).float().mean()
 
-    def embed_fmri(self, feats: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.fmri_proj(feats.mean(1)), dim=-1)
+    def embed_fmri(self, feats: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """feats (B, N, D) -> (B, 512) unit vectors of the token mean (``weight`` (B, N, 1): a
+        weighted mean, e.g. over brain tokens only)."""
+        pooled = feats.mean(1) if weight is None else (feats * weight).sum(1) / weight.sum(1).clamp_min(1)
+        return F.normalize(self.fmri_proj(pooled), dim=-1)
+
+    def add_losses(self, cfg: "TokenizerConfig", losses: dict, total: torch.Tensor, feats: torch.Tensor,
+                   text_states=None, word_embeds=None, grl: float = 1.0, gen=None, weight=None) -> torch.Tensor:
+        """Add the language-consistency terms that apply (domain-adversarial when ``word_embeds``
+        are given, soft SigLIP when ``text_states`` are) to ``losses`` -> ``total`` with them."""
+        if word_embeds is not None and cfg.adv_weight:
+            adv, acc = self.adversarial(feats, word_embeds, grl, gen)
+            losses["adv"], losses["domain_acc"] = adv, acc.detach()
+            total = total + cfg.adv_weight * adv
+        if text_states is not None and cfg.siglip_weight:
+            losses["siglip"] = soft_siglip_loss(self.embed_fmri(feats, weight), self.embed_text(text_states),
+                                                cfg.siglip_temperature)
+            total = total + cfg.siglip_weight * losses["siglip"]
+        return total
 
     def embed_text(self, states: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(states), dim=-1)
@@ -292,18 +309,8 @@ class NeuralTokenizer(nn.Module):
         recon = self.decode(q)
         rec = F.mse_loss(recon, x)
         losses = {"recon": rec, "commit": commit}
-        total = rec + commit
-        c = self.config
-        if word_embeds is not None and c.adv_weight:
-            adv, acc = self.align.adversarial(feats, word_embeds, grl, gen)
-            losses["adv"], losses["domain_acc"] = adv, acc.detach()
-            total = total + c.adv_weight * adv
-        if text_states is not None and c.siglip_weight:
-            sig = soft_siglip_loss(self.align.embed_fmri(feats), self.align.embed_text(text_states),
-                                   c.siglip_temperature)
-            losses["siglip"] = sig
-            total = total + c.siglip_weight * sig
-        losses["total"] = total
+        losses["total"] = self.align.add_losses(self.config, losses, rec + commit, feats, text_states, word_embeds,
+                                                grl, gen)
         return TokenizerOutput(q, idx, recon, feats, losses)
 
 
@@ -333,18 +340,8 @@ class MAETokenizer(nn.Module):
         w = brain.unsqueeze(-1).float()
         rec = ((recon - feats) ** 2 * w).sum() / (w.sum() * feats.shape[-1]).clamp_min(1)
         losses = {"recon": rec, "commit": commit}
-        total = rec + commit
-        c = self.config
-        if word_embeds is not None and c.adv_weight:
-            adv, acc = self.align.adversarial(feats, word_embeds, grl, gen)
-            losses["adv"], losses["domain_acc"] = adv, acc.detach()
-            total = total + c.adv_weight * adv
-        if text_states is not None and c.siglip_weight:
-            pooled = (feats * w).sum(1) / w.sum(1).clamp_min(1)
-            f = F.normalize(self.align.fmri_proj(pooled), dim=-1)
-            losses["siglip"] = soft_siglip_loss(f, self.align.embed_text(text_states), c.siglip_temperature)
-            total = total + c.siglip_weight * losses["siglip"]
-        losses["total"] = total
+        losses["total"] = self.align.add_losses(self.config, losses, rec + commit, feats, text_states, word_embeds,
+                                                grl, gen, weight=w)
         return TokenizerOutput(q, idx, recon, feats, losses)
 
 
