@@ -445,14 +445,15 @@ class TraitResult:
 def trait_logistic(features, y, subjects, families=None, q: int | None = None, n_splits: int = 20,
                    test_frac: float = 0.2, n_folds: int = 5, n_Cs: int = 10, train_mask=None,
                    test_mask=None, seed: int = 0, max_iter: int = 2000,
-                   trait: str = "trait") -> TraitResult:
+                   trait: str = "trait", exclude=None) -> TraitResult:
     """Logistic-regression trait decoding over subject-disjoint, family-grouped re-splits.
 
     features: (N, D) embedded once; y: (N,) trait per clip (class labels, or continuous values
     with ``q`` quantile classes); subjects / families: (N,) ids. ``train_mask`` / ``test_mask``
     (N,) bool restrict train and test clips, e.g. train on rest and test on task clips of
     held-out subjects. Each split: C chosen by ``n_folds``-fold family-grouped CV on train
-    (balanced accuracy), then balanced accuracy on the held-out subjects.
+    (balanced accuracy), then balanced accuracy on the held-out subjects. ``exclude``: subjects
+    (the encoder's pretraining subjects) whose families are only ever trained on, never tested.
     """
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import balanced_accuracy_score
@@ -460,7 +461,7 @@ def trait_logistic(features, y, subjects, families=None, q: int | None = None, n
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from fmri_bench.splits import _groups
+    from fmri_bench.splits import _groups, _unseen
 
     X = np.asarray(features, dtype=np.float64)
     y = np.asarray(y)
@@ -470,6 +471,12 @@ def trait_logistic(features, y, subjects, families=None, q: int | None = None, n
                          f"{y.shape}, {subjects.shape}")
     n_fam = len(np.unique(families))
     n_test_fam = max(1, int(round(test_frac * n_fam)))
+    pool = np.flatnonzero(_unseen(families, subjects, exclude))
+    n_unseen = len(np.unique(families[pool]))
+    if n_unseen == 0:
+        raise InputError(f"no family left for testing {trait} that pretraining never saw "
+                         f"({n_fam} families, each with a pretraining subject)")
+    n_test_fam = min(n_test_fam, n_unseen)
     if n_fam - n_test_fam < n_folds:
         raise InputError(
             f"too few families for trait decoding with {n_folds}-fold grouped CV: need at least "
@@ -484,8 +491,16 @@ def trait_logistic(features, y, subjects, families=None, q: int | None = None, n
     n_classes = q
     seeds = np.random.SeedSequence(seed).generate_state(n_splits)
     for s in seeds:
-        tr, te = next(GroupShuffleSplit(1, test_size=n_test_fam, random_state=int(s))
-                      .split(X, groups=families))
+        if len(pool) == len(y):
+            tr, te = next(GroupShuffleSplit(1, test_size=n_test_fam, random_state=int(s))
+                          .split(X, groups=families))
+        elif n_test_fam == n_unseen:
+            tr, te = np.setdiff1d(np.arange(len(y)), pool), pool
+        else:
+            rest, te = next(GroupShuffleSplit(1, test_size=n_test_fam, random_state=int(s))
+                            .split(pool, groups=families[pool]))
+            te = pool[te]
+            tr = np.setdiff1d(np.arange(len(y)), te)
         tr, te = tr[train_mask[tr]], te[test_mask[te]]
         if len(tr) == 0 or len(te) == 0:
             raise InputError(f"no {'training' if len(tr) == 0 else 'test'} clips left after "

@@ -1,7 +1,7 @@
 """Benchmark result records: numbers with their uncertainty, their chance and their source.
 
 In: per-seed or per-split scores of one method on one task. Out: a ``Record`` (mean, 95 % CI,
-chance level, synthetic ground-truth ceiling where one exists, and whether the number was
+chance level, the score of the known truth where the synthetic cohort has one, and whether the number was
 measured here, ``synthetic``, or quoted from a paper, ``paper``), a results JSON, and a
 markdown table for the book chapters.
 """
@@ -52,7 +52,8 @@ class Record:
     metric: str = "accuracy"
     source: str = "synthetic"
     chance: float | None = None
-    ceiling: float | None = None
+    truth: float | None = None  # the same question answered from the generating truth (synthetic
+    # cohort): a reference beside the scores, not an upper bound
     values: list[float] = field(default_factory=list)
     notes: str = ""
 
@@ -62,13 +63,13 @@ class Record:
 
 
 def summarize(task: str, method: str, values, metric: str = "accuracy", source: str = "synthetic",
-              chance: float | None = None, ceiling: float | None = None, notes: str = "") -> Record:
+              chance: float | None = None, truth: float | None = None, notes: str = "") -> Record:
     """Record from per-seed / per-split scores (mean and 95 % CI over them). Scores are
     fractions, so the interval is cut to [0, 1] (a t interval over 2-3 splits can leave it)."""
     values = [float(v) for v in np.atleast_1d(values)]
     m, lo, hi = mean_ci(values)
     lo, hi = max(lo, 0.0), min(hi, 1.0)  # NaN (no finite value) stays NaN
-    return Record(task, method, m, lo, hi, len(values), metric, source, chance, ceiling, values, notes)
+    return Record(task, method, m, lo, hi, len(values), metric, source, chance, truth, values, notes)
 
 
 def paper_record(task: str, method: str, value: float, metric: str = "accuracy",
@@ -98,7 +99,8 @@ def write_results(records: list[Record], path) -> Path:
 
 def read_results(path) -> list[Record]:
     rows = json.loads(Path(path).read_text())
-    return [Record(**{k: (math.nan if v is None and k in ("mean", "ci_low", "ci_high") else v)
+    return [Record(**{("truth" if k == "ceiling" else k):  # files written before the rename
+                      (math.nan if v is None and k in ("mean", "ci_low", "ci_high") else v)
                       for k, v in row.items()}) for row in rows]
 
 
@@ -123,7 +125,7 @@ def table_rows(records: list[Record]) -> list[dict]:
 
     return [{"task": r.task, "method": r.method, "source": r.source, "metric": r.metric,
              "mean %": _pct(r.mean), "95% CI": ci(r), "n": r.n, "chance %": _pct(r.chance),
-             "ceiling %": _pct(r.ceiling), "notes": r.notes} for r in records]
+             "truth %": _pct(r.truth), "notes": r.notes} for r in records]
 
 
 def _cell_text(value) -> str:

@@ -94,26 +94,55 @@ def _part_sizes(n_families: int, n_subjects: int, val_frac: float, test_frac: fl
     return n_val, n_test
 
 
+def _unseen(families: np.ndarray, subjects: np.ndarray, exclude) -> np.ndarray:
+    """(N,) bool: the sample's family holds no subject of ``exclude`` (e.g. pretraining subjects)."""
+    if exclude is None:
+        return np.ones(len(subjects), bool)
+    seen = set(np.unique(families[np.isin(subjects, list(exclude))]).tolist())
+    return ~np.isin(families, list(seen))
+
+
 def subject_split(subjects, families=None, val_frac: float = 0.15, test_frac: float = 0.15,
-                  seed: int = 0) -> Split:
-    """One random family-grouped split. subjects, families: (N,) ids per sample -> Split."""
+                  seed: int = 0, exclude=None) -> Split:
+    """One random family-grouped split. subjects, families: (N,) ids per sample -> Split.
+
+    exclude: subjects that may only be in ``train`` (the subjects an encoder was pretrained on:
+    the flat-map MAE paper's probes are tested on subjects pretraining never saw). Their whole
+    families stay in train; val and test are drawn from the other families, as many as the
+    fractions of all families ask for, fewer when the unseen families run short.
+    """
     subjects, families = _groups(subjects, families)
     n_fam = len(np.unique(families))
     n_val, n_test = _part_sizes(n_fam, len(np.unique(subjects)), val_frac, test_frac)
+    unseen = _unseen(families, subjects, exclude)
+    n_unseen = len(np.unique(families[unseen]))
+    if n_unseen < 2:
+        raise InputError(f"too few families never seen in pretraining for val and test: need at least 2, "
+                         f"found {n_unseen} of {n_fam}")
+    if n_val + n_test > n_unseen:  # only with exclude: the seen families keep train non-empty
+        n_test = min(n_unseen - 1, max(1, int(round(n_unseen * n_test / (n_val + n_test)))))
+        n_val = n_unseen - n_test
     rs = np.random.SeedSequence(seed).generate_state(2)
-    idx = np.arange(len(subjects))
+    pool, seen = np.flatnonzero(unseen), np.flatnonzero(~unseen)
     rest, test = next(GroupShuffleSplit(1, test_size=n_test, random_state=int(rs[0]))
-                      .split(idx, groups=families))
-    train, val = next(GroupShuffleSplit(1, test_size=n_val, random_state=int(rs[1]))
+                      .split(pool, groups=families[pool]))
+    rest, test = pool[rest], pool[test]
+    if n_val == len(np.unique(families[rest])):
+        train, val = rest[:0], rest
+    else:
+        tr, va = next(GroupShuffleSplit(1, test_size=n_val, random_state=int(rs[1]))
                       .split(rest, groups=families[rest]))
-    return Split(np.sort(rest[train]), np.sort(rest[val]), np.sort(test), seed=seed)
+        train, val = rest[tr], rest[va]
+    return Split(np.sort(np.concatenate([train, seen])), np.sort(val), np.sort(test), seed=seed)
 
 
 def resplits(subjects, families=None, n_splits: int = 10, val_frac: float = 0.15,
-             test_frac: float = 0.15, seed: int = 0) -> list[Split]:
-    """``n_splits`` independent random splits; split ``i`` uses the i-th child of ``seed``."""
+             test_frac: float = 0.15, seed: int = 0, exclude=None) -> list[Split]:
+    """``n_splits`` independent random splits; split ``i`` uses the i-th child of ``seed``.
+    exclude: subjects kept in train (``subject_split``)."""
     children = np.random.SeedSequence(seed).generate_state(n_splits)
-    return [subject_split(subjects, families, val_frac, test_frac, seed=int(s)) for s in children]
+    return [subject_split(subjects, families, val_frac, test_frac, seed=int(s), exclude=exclude)
+            for s in children]
 
 
 def kfold_split(subjects, families=None, n_folds: int = 5, fold: int = 0) -> Split:
@@ -131,9 +160,15 @@ def kfold_split(subjects, families=None, n_folds: int = 5, fold: int = 0) -> Spl
     return Split(np.sort(train), np.sort(val), np.sort(test), seed=None)
 
 
-def check_disjoint(split: Split, subjects, families=None) -> None:
-    """Raise AssertionError naming the overlap if any subject or family is in two parts."""
+def check_disjoint(split: Split, subjects, families=None, exclude=None) -> None:
+    """Raise AssertionError naming the overlap if any subject or family is in two parts, or if
+    a subject of ``exclude`` (or a relative) is in val or test."""
     subjects, families = _groups(subjects, families)
+    if exclude is not None:
+        unseen = _unseen(families, subjects, exclude)
+        for name in ("val", "test"):
+            bad = sorted(set(subjects[split.part(name)][~unseen[split.part(name)]].tolist()))
+            assert not bad, f"{name} holds subjects seen in pretraining or their relatives: {bad[:5]}"
     for ids, what in ((subjects, "subject"), (families, "family")):
         sets = {name: set(ids[split.part(name)].tolist()) for name in PARTS}
         for a, b in (("train", "val"), ("train", "test"), ("val", "test")):

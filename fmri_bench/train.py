@@ -390,19 +390,20 @@ def paper_budget(model: str = "mae_vit_base", steps: int = 625_000, batch_size: 
 def pretrained_model(cohort, steps: int = 300, batch_size: int = 8, seed: int = 0,
                      out=None, base_lr: float = 1e-2) -> Path:
     """The tiny MAE pretrained on a cohort's training subjects (``harness.cohort_shards``),
-    trained once per (cohort, steps, batch, base_lr, seed) and cached under
+    trained once per (cohort and its fingerprint, steps, batch, base_lr, seed) and cached under
     ``paths.data_dir() / "models"``; resumes an interrupted run. -> path of ``model.pt``.
 
     base_lr 1e-2 (lr = base_lr x batch / 256 = 3.1e-4 at batch 8): measured on the synthetic book
     cohort, 3000 steps at batch 8 reach a validation loss of 0.668 with 1e-2 and 0.739 with the
     MAE default 1e-3 (lr 3.1e-5), which barely leaves the predict-zero plateau.
     """
-    from fmri_bench.harness.datasets import cohort_shards
+    from fmri_bench.harness.datasets import cohort_fingerprint, cohort_shards
     from fmri_bench.paths import data_dir
 
     cohort = Path(cohort)
+    stamp = cohort_fingerprint(cohort)[:10]  # a regenerated cohort gets a new model
     run = Path(out) if out else (data_dir() / "models"
-                                 / f"{cohort.name}-tiny-s{steps}-b{batch_size}-lr{base_lr:g}-seed{seed}")
+                                 / f"{cohort.name}-{stamp}-tiny-s{steps}-b{batch_size}-lr{base_lr:g}-seed{seed}")
     if (run / "model.pt").is_file():
         return run / "model.pt"
     cfg = tiny_config(cohort_shards(cohort, seed=seed), steps=steps, batch_size=batch_size, base_lr=base_lr,

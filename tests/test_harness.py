@@ -181,7 +181,7 @@ def test_state21_benchmark_on_shared_splits(data, tmp_path):
                                probe_cfg=FAST)
     methods = [r.method for r in bench.records]
     assert methods == ["mae cls", "mae avg_patch", "depth0 cls", "depth0 avg_patch", "chance"]
-    assert all(r.n == 2 and r.source == "real" and r.ceiling is None for r in bench.records)
+    assert all(r.n == 2 and r.source == "real" and r.truth is None for r in bench.records)
     # on each split every method is tested on the same clips
     for i, split in enumerate(bench.details["splits"]):
         for name in ("mae cls", "mae avg_patch", "depth0 cls", "depth0 avg_patch"):
@@ -226,12 +226,34 @@ def test_state21_decodes_a_planted_state_signal(tmp_path):
     assert ctrl.mean < 0.7, ctrl
 
 
+def test_pretraining_subjects_never_reach_val_or_test(data, tmp_path):
+    subjects = sorted({r.subject for r in data.runs})
+    seen = set(subjects[:3])
+    probe = ProbeConfig(epochs=2, lr_scales=(1.0,), weight_decays=(1e-3,))
+    bench = harness.benchmark("state21", data, methods=("fc",), seeds=3, probe_cfg=probe, pretrained_on=seen,
+                              hrf_delay=4.0, atlas=quadrant_parcels())
+    clips = harness.task_clips("state21", data, hrf_delay=4.0)
+    for split in bench.details["splits"]:
+        assert not {clips.subjects[i] for i in (*split.val, *split.test)} & seen
+        assert seen <= {clips.subjects[i] for i in split.train}
+    assert bench.details["pretrained_on"] == sorted(seen)
+    assert {r.task for r in bench.records} == {"state21 +4 s"}
+    ident = harness.benchmark("identify", data, methods=("fc",), pretrained_on=seen, atlas=quadrant_parcels())
+    assert ident.records[0].n == len(subjects) - 3
+
+
 def test_traits_and_identify_benchmark(data, tmp_path):
     ckpt = tiny_mae(tmp_path / "m.pt")
     sex = harness.benchmark("sex", data, methods=("mae", "chance"), checkpoint=ckpt, seeds=2, n_Cs=2,
                              representations=("avg_patch",), keep_features=True)
-    assert [r.task for r in sex.records] == ["sex rest->task", "sex task->rest"] * 2
+    assert [r.task for r in sex.records] == ["sex rest->task", "sex task->rest",
+                                             "sex rest->task, per run", "sex task->rest, per run",
+                                             "sex rest->task", "sex task->rest"]
+    assert [r.method for r in sex.records][-2:] == ["chance", "chance"]
     assert all(r.chance == 0.5 for r in sex.records)
+    # per run: one sample per run, the mean of its clips' embeddings
+    per_clip, per_run = sex.details[("mae avg_patch", "rest->task")], sex.details[("mae avg_patch, per run", "rest->task")]
+    assert per_run.n_train < per_clip.n_train
     age = harness.benchmark("age", data, methods=("mae",), checkpoint=ckpt, seeds=2, n_Cs=2,
                              representations=("avg_patch",), features=sex.features)
     assert all(r.chance == 0.25 for r in age.records)
@@ -284,13 +306,23 @@ def test_fc_and_parcel_mlp_decode_a_planted_state_signal(tmp_path):
         harness.benchmark("state21", plain, methods=("fc",), seeds=2, probe_cfg=probe, atlas=np.array([1, 2, 2]))
 
 
-def test_compare_sentence_says_when_a_baseline_wins():
+def test_compare_sentence_reads_the_intervals():
     from fmri_bench.results import summarize
 
-    recs = [summarize("state21", "mae cls", [0.4, 0.5]), summarize("state21", "fc", [0.7, 0.8])]
-    assert harness.compare_sentence(recs, "state21").startswith("A baseline beats the MAE: fc 75.0 % against")
-    recs[1] = summarize("state21", "fc", [0.1, 0.2])
-    assert harness.compare_sentence(recs, "state21").startswith("The MAE is above every baseline: mae cls 45.0 %")
+    recs = [summarize("state21", "mae cls", [0.40, 0.42, 0.44, 0.46], chance=0.2),
+            summarize("state21", "fc", [0.70, 0.72, 0.74, 0.76])]
+    assert harness.compare_sentence(recs, "state21").startswith(
+        "A baseline beats the MAE, the intervals apart: fc 73.0 % [")
+    recs[1] = summarize("state21", "fc", [0.10, 0.12, 0.14, 0.16])
+    assert harness.compare_sentence(recs, "state21").startswith(
+        "The MAE is above every baseline, the intervals apart: mae cls 43.0 % [")
+    # a higher mean with overlapping intervals is no win
+    recs[1] = summarize("state21", "fc", [0.30, 0.50, 0.35, 0.45])
+    sentence = harness.compare_sentence(recs, "state21")
+    assert sentence.startswith("The best MAE row and the best baseline cannot be told apart")
+    assert "holds chance" not in sentence
+    recs[0] = summarize("state21", "mae cls", [0.1, 0.5, 0.2, 0.4], chance=0.2)
+    assert "the MAE's interval holds chance (20.0 %)" in harness.compare_sentence(recs, "state21")
 
 
 # --- CLI --------------------------------------------------------------------------------------

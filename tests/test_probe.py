@@ -122,6 +122,19 @@ def test_trait_logistic_recovers_planted_trait(rng):
     assert noise.mean < 0.75
 
 
+def test_trait_logistic_tests_only_families_pretraining_never_saw(rng):
+    n_sub, clips = 40, 3
+    subjects = np.repeat(np.arange(n_sub), clips)
+    families = subjects // 2
+    age = np.repeat(rng.uniform(20, 40, n_sub), clips)
+    x = np.c_[age / 10 + rng.normal(scale=0.2, size=len(age)), rng.normal(size=(len(age), 5))]
+    seen = set(range(36))  # families 0..17 seen, 18 and 19 (subjects 36..39) never
+    res = trait_logistic(x, age, subjects, families, q=2, n_splits=3, n_folds=3, n_Cs=3, exclude=seen)
+    assert res.n_test == 4 * clips  # the two unseen families, every split
+    with pytest.raises(InputError, match="never saw"):
+        trait_logistic(x, age, subjects, families, q=2, n_splits=2, n_folds=3, exclude=set(range(n_sub)))
+
+
 def test_trait_logistic_too_few_families(rng):
     with pytest.raises(InputError, match="need at least 6 families, found 4"):
         trait_logistic(rng.normal(size=(8, 2)), np.arange(8) % 2, np.arange(8), np.arange(8) // 2)

@@ -21,11 +21,11 @@ def test_mean_ci_t_interval():
 
 
 def test_roundtrip_and_markdown(tmp_path):
-    recs = [summarize("state21", "MAE cls", [0.9, 0.92, 0.94], chance=1 / 21, ceiling=0.98)]
+    recs = [summarize("state21", "MAE cls", [0.9, 0.92, 0.94], chance=1 / 21, truth=0.98)]
     recs += paper_records_task21()
     path = write_results(recs, tmp_path / "res.json")
     back = read_results(path)
-    assert back[0].values == [0.9, 0.92, 0.94] and back[0].ceiling == 0.98
+    assert back[0].values == [0.9, 0.92, 0.94] and back[0].truth == 0.98
     assert back[1].source == "paper" and math.isnan(back[1].ci_low)
     md = to_markdown(back)
     assert "| state21 | MAE cls | synthetic | accuracy | 92 | [87.0, 97.0] | 3 | 4.8 | 98 |" in md

@@ -84,3 +84,40 @@ def test_families_for():
     assert families_for(["s1", "s3", "s2"], table).tolist() == [7, 9, 7]
     with pytest.raises(InputError, match="missing"):
         families_for(["s4"], table)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pretraining_subjects_and_their_siblings_stay_in_train(seed):
+    subjects, families = cohort(n_sub=30)
+    seen = {f"sub-{i:02d}" for i in range(0, 21, 2)}  # 11 subjects; their siblings are seen families too
+    split = subject_split(subjects, families, seed=seed, exclude=seen)
+    check_disjoint(split, subjects, families, exclude=seen)
+    evaluated = set(subjects[np.concatenate([split.val, split.test])])
+    assert not evaluated & seen
+    assert not evaluated & {f"sub-{i + 1:02d}" for i in range(0, 21, 2)}  # no sibling of a seen subject
+    assert seen <= set(subjects[split.train])
+    assert len(split.val) and len(split.test) and sum(split.sizes().values()) == len(subjects)
+
+
+def test_exclude_none_is_the_plain_split():
+    subjects, families = cohort()
+    a, b = subject_split(subjects, families, seed=4), subject_split(subjects, families, seed=4, exclude=set())
+    for part in ("train", "val", "test"):
+        np.testing.assert_array_equal(a.part(part), b.part(part))
+
+
+def test_exclude_shrinks_val_and_test_to_the_unseen_families():
+    subjects, families = cohort(n_sub=30)  # 15 families: val 2, test 2 when all unseen
+    seen = {f"sub-{i:02d}" for i in range(0, 26)}  # 13 families seen, 2 unseen (sub-26..29)
+    split = subject_split(subjects, families, seed=0, exclude=seen)
+    assert set(subjects[split.val]) | set(subjects[split.test]) == {"sub-26", "sub-27", "sub-28", "sub-29"}
+    with pytest.raises(InputError, match="never seen in pretraining"):
+        subject_split(subjects, families, seed=0, exclude=set(subjects[:-4]) | {"sub-28"})
+
+
+def test_check_disjoint_catches_a_pretraining_subject_in_test():
+    subjects, families = cohort()
+    split = subject_split(subjects, families, seed=1)
+    leaked = {subjects[split.test[0]]}
+    with pytest.raises(AssertionError, match="seen in pretraining"):
+        check_disjoint(split, subjects, families, exclude=leaked)

@@ -8,7 +8,7 @@ shared splits), ``plots`` (what the chapters draw). Records and their one table 
 
 from fmri_bench.harness.datasets import Dataset, RunInfo, cohort_shards, load_dataset, run_identity, scan_runs
 from fmri_bench.harness.evaluate import (
-    BASELINES, DEFAULT_ATLAS, METHODS, Benchmark, benchmark, compare_sentence, method_inputs, trait_ceiling,
+    BASELINES, DEFAULT_ATLAS, METHODS, Benchmark, benchmark, compare_sentence, method_inputs, trait_truth,
     write_benchmark,
 )
 from fmri_bench.harness.features import (
@@ -23,6 +23,6 @@ __all__ = [
     "EncoderExtractor", "OracleExtractor", "ParcelExtractor", "RunInfo", "benchmark", "class_map",
     "cohort_shards", "compare_sentence", "confusion", "extract", "load_dataset", "load_encoder",
     "method_inputs", "pixel_parcels_for", "plot_class_maps", "plot_confusion", "plot_scores", "run_identity",
-    "scan_runs", "splits_for", "task_clips", "token_evidence", "trait_ceiling", "trait_folds",
+    "scan_runs", "splits_for", "task_clips", "token_evidence", "trait_truth", "trait_folds",
     "true_condition_templates", "untrained_encoder", "write_benchmark",
 ]

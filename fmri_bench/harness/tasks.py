@@ -61,6 +61,14 @@ class Clips:
     def ids(self) -> np.ndarray:
         return np.asarray([f"{k}@{s}" for k, s in zip(self.run_keys, self.starts)])
 
+    def subset(self, keep: np.ndarray) -> "Clips":
+        """The clips where ``keep`` (N,) bool is True, in the same order."""
+        keep = np.asarray(keep, bool)
+        arrays = {f: getattr(self, f)[keep] for f in ("run_keys", "starts", "labels", "subjects", "families",
+                                                       "states", "sessions", "values")}
+        return Clips(self.task, **arrays, class_names=self.class_names, class_ids=self.class_ids,
+                     clip_len=self.clip_len)
+
 
 def class_map() -> dict[tuple[str, str], tuple[int, str]]:
     """(PARADIGM, condition) -> (class index, class name), from hcp_task_classes.json."""
@@ -160,14 +168,15 @@ def task_clips(task: str, data: Dataset, clip_len: int = CLIP_LEN, hrf_delay: fl
                  values.astype(float), names, ids, clip_len)
 
 
-def splits_for(clips: Clips, n_splits: int, seed: int = 0):
-    """Subject-disjoint, family-grouped re-splits of the clips (checked)."""
+def splits_for(clips: Clips, n_splits: int, seed: int = 0, exclude=None):
+    """Subject-disjoint, family-grouped re-splits of the clips (checked). exclude: subjects (an
+    encoder's pretraining subjects) that, with their families, only ever train the probe."""
     try:
-        out = resplits(clips.subjects, clips.families, n_splits=n_splits, seed=seed)
+        out = resplits(clips.subjects, clips.families, n_splits=n_splits, seed=seed, exclude=exclude)
     except InputError as err:
         raise InputError(f"task {clips.task}: {err.problem}") from None
     for s in out:
-        check_disjoint(s, clips.subjects, clips.families)
+        check_disjoint(s, clips.subjects, clips.families, exclude=exclude)
     return out
 
 
