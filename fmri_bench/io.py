@@ -241,6 +241,16 @@ def _check_space(found: str, space: str | None, path) -> str:
 # ----------------------------------------------------------------------------- CIFTI
 
 
+_READS = "flatten reads dtseries (time series) or dscalar (maps) files"
+_CIFTI_NOT_DENSE = f"CIFTI columns are not grayordinates (not a dense file): {_READS}"
+_CIFTI_NOT_READ = {  # index-map type (rows, or columns where noted) -> what the file is instead
+    "CIFTI_INDEX_TYPE_BRAIN_MODELS": f"a dense connectome (dconn) is not a time series; {_READS}",
+    "CIFTI_INDEX_TYPE_LABELS": f"a label file (dlabel) holds parcel labels, not a time series; {_READS}",
+    "CIFTI_INDEX_TYPE_PARCELS": f"a parcellated (ptseries / pscalar / pconn) file holds parcels, not vertices; "
+                                f"{_READS} on grayordinates",
+}
+
+
 def read_cifti(path) -> Run:
     """Read a CIFTI-2 dtseries or dscalar onto the fs_LR 32k cortex (V = 59412).
 
@@ -263,9 +273,11 @@ def read_cifti(path) -> Run:
         rows, cols = img.header.matrix.get_index_map(0), img.header.matrix.get_index_map(1)
     except Exception as exc:  # malformed or missing CIFTI XML
         raise InputError(f"malformed CIFTI header ({_short(exc)})", path) from None
-    if cols.indices_map_to_data_type != "CIFTI_INDEX_TYPE_BRAIN_MODELS":
-        raise InputError("CIFTI columns are not grayordinates (expected a dense file)", path)
     kind = rows.indices_map_to_data_type
+    if cols.indices_map_to_data_type != "CIFTI_INDEX_TYPE_BRAIN_MODELS":
+        raise InputError(_CIFTI_NOT_READ.get(cols.indices_map_to_data_type, _CIFTI_NOT_DENSE), path)
+    if kind in _CIFTI_NOT_READ:
+        raise InputError(_CIFTI_NOT_READ[kind], path)
     if kind == "CIFTI_INDEX_TYPE_SERIES":
         if str(rows.series_unit).upper() != "SECOND":
             raise InputError(f"CIFTI series unit is {rows.series_unit}, expected SECOND", path)

@@ -101,6 +101,92 @@ def _run_dir_is_a_file(tmp, run8):
     return ["pretrain", "--run-dir", str(tmp / "run"), "data.synthetic=true", "steps=1"]
 
 
+def _good_shard(folder: Path) -> Path:
+    """One shard of three 200-frame runs on a 20 x 50 grid (~1.2 MB): data a cut can land in."""
+    from fmri_bench.shards import ShardWriter
+
+    with ShardWriter(folder, shard_size=8) as sink:
+        for i in range(3):
+            sink.write(f"sub-0{i}_task-rest_bold", np.zeros((200, 1000), np.float16), np.ones((20, 50), bool),
+                       {"tr": 1.0, "entities": {"sub": f"0{i}", "task": "rest"}})
+    return folder / "shard-000000.tar"
+
+
+def _truncated_shard(folder: Path) -> Path:
+    path = _good_shard(folder)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: int(len(blob) * 0.6)])  # the second run's bold.npy is cut
+    return path
+
+
+def _garbage_shard(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "shard-000000.tar"
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    return path
+
+
+def _corrupt_member_shard(folder: Path) -> Path:
+    """A readable tar whose first run's bold.npy is not an array."""
+    import tarfile
+
+    path = _good_shard(folder)
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name == "sub-00_task-rest_bold.bold.npy":
+                data = b"\x93NUMPY garbage" + bytes(100)
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return path
+
+
+def _pretrain_on(make_shard, *overrides):
+    def build(tmp, run8):
+        make_shard(tmp / "shards")
+        return ["pretrain", "--run-dir", str(tmp / "run"), f"data.train_urls=[{tmp / 'shards'}]", "steps=1",
+                "batch_size=2", "progress=false", "figures=false", *overrides]
+    return build
+
+
+def _resume_over(make_shard):
+    def build(tmp, run8):
+        make_shard(tmp / "out")
+        return ["flatten", str(run8), "--out", str(tmp / "out"), "--resume"]
+    return build
+
+
+def _bench_on(make_shard):
+    def build(tmp, run8):
+        make_shard(tmp / "shards")
+        return ["baseline", "chance", "--task", "state21", "--data", str(tmp / "shards"), "--seeds", "1"]
+    return build
+
+
+def _cifti(kind: str):
+    """A tiny CIFTI-2 file of another kind than flatten reads: 5 fs_LR left-cortex vertices."""
+    def build(tmp, run8):
+        import nibabel as nib
+        from nibabel.cifti2 import cifti2_axes as ax
+
+        mask = np.zeros(32492, bool)
+        mask[:5] = True
+        dense = ax.BrainModelAxis.from_mask(mask, name="CortexLeft")
+        parcels = ax.ParcelsAxis.from_brain_models([("p1", dense)])
+        series = ax.SeriesAxis(0.0, 1.0, 4)
+        axes, shape, name = {
+            "dconn": ((dense, dense), (5, 5), "x.dconn.nii"),
+            "dlabel": ((ax.LabelAxis(["l"], {0: ("?", (0, 0, 0, 0)), 1: ("a", (1, 0, 0, 1))}), dense), (1, 5),
+                       "x.dlabel.nii"),
+            "ptseries": ((series, parcels), (4, 1), "x.ptseries.nii"),
+        }[kind]
+        path = tmp / name
+        nib.Cifti2Image(np.ones(shape, np.float32), header=axes).to_filename(path)
+        return ["flatten", str(path), "--out", str(tmp / "out")]
+    return build
+
+
 @dataclass
 class Case:
     name: str
@@ -131,6 +217,24 @@ CASES = [
     Case("depth -1", _pretrain("model_overrides.depth=-1"), 2, "depth must be >= 0", ("run/*",)),
     Case("warmup_steps -10", _pretrain("warmup_steps=-10"), 2, "warmup_steps must be >= 0", ("run/*",)),
     Case("--run-dir is a file", _run_dir_is_a_file, 2, "is a file, not a directory"),
+    # a run that fails before its first checkpoint may leave config.yaml (a corrected retry is not
+    # blocked: test_a_failed_pretrain_does_not_block_a_corrected_retry), never a model or a temp file
+    Case("pretrain: truncated shard", _pretrain_on(_truncated_shard), 2,
+         "shard-000000.tar: cannot read shard: truncated", ("run/*.pt", "run/.tmp-*")),
+    Case("pretrain: garbage shard", _pretrain_on(_garbage_shard), 2, "shard-000000.tar: cannot read shard: not a tar file",
+         ("run/*.pt", "run/.tmp-*")),
+    Case("pretrain: garbage shard, a loader worker", _pretrain_on(_garbage_shard, "num_workers=1"), 2,
+         "shard-000000.tar: cannot read shard: not a tar file", ("run/*.pt", "run/.tmp-*")),
+    Case("pretrain: corrupt bold.npy", _pretrain_on(_corrupt_member_shard), 2,
+         "shard-000000.tar: sample sub-00_task-rest_bold: bold.npy is not a readable .npy array",
+         ("run/*.pt", "run/.tmp-*")),
+    Case("flatten --resume: garbage shard", _resume_over(_garbage_shard), 2,
+         "shard-000000.tar: cannot read shard: not a tar file"),
+    Case("baseline: garbage shard", _bench_on(_garbage_shard), 2, "shard-000000.tar: cannot read shard"),
+    Case("dconn CIFTI", _cifti("dconn"), 2,
+         "a dense connectome (dconn) is not a time series; flatten reads dtseries", ("out/*.tar",)),
+    Case("dlabel CIFTI", _cifti("dlabel"), 2, "a label file (dlabel) holds parcel labels", ("out/*.tar",)),
+    Case("ptseries CIFTI", _cifti("ptseries"), 2, "parcellated (ptseries", ("out/*.tar",)),
 ]
 
 
