@@ -669,18 +669,22 @@ def find_events(path) -> Path | None:
 # ----------------------------------------------------------------------------- dispatch
 
 
-def sidecar_tr(path) -> float | None:
-    """RepetitionTime (s) from the BIDS JSON sidecar of a run (``<name>.json`` beside it), if
-    any: fMRIPrep's func.gii outputs carry their TR only there."""
-    import json
-
+def _sidecar(path) -> Path:
     path = Path(path)
     name = path.name
     for ext in (".dtseries.nii", ".dscalar.nii", ".func.gii", ".gii", ".nii.gz", ".nii"):
         if name.endswith(ext):
             name = name[: -len(ext)]
             break
-    side = path.with_name(name + ".json")
+    return path.with_name(name + ".json")
+
+
+def sidecar_tr(path) -> float | None:
+    """RepetitionTime (s) from the BIDS JSON sidecar of a run (``<name>.json`` beside it), if
+    any: fMRIPrep's func.gii outputs carry their TR only there."""
+    import json
+
+    side = _sidecar(path)
     if not side.is_file():
         return None
     try:
@@ -689,6 +693,29 @@ def sidecar_tr(path) -> float | None:
         raise InputError(f"unreadable JSON sidecar ({_short(exc)})", side) from None
     return _tr_seconds(value, "sec") if isinstance(value, (int, float)) else None
 
+
+
+def run_files(path, events=None) -> list[Path]:
+    """The files ``load_run(path, events=events)`` reads, as far as they exist: the image(s) (a
+    func.gii with its other hemisphere), the JSON sidecar, the events (given, or found beside the
+    run; an EVs directory as its files). What a conversion's output depends on, for telling
+    whether it is still up to date."""
+    if isinstance(path, (tuple, list)):
+        images = [Path(p) for p in path]
+    else:
+        images = [Path(path)]
+        try:
+            if file_kind(path) == "gifti":
+                images = list(gifti_pair(path))
+        except InputError:
+            pass
+    files = images + [_sidecar(images[0])]
+    if events is None:
+        events = find_events(images[0])
+    if isinstance(events, (str, os.PathLike)):
+        events = Path(events)
+        files += sorted(events.iterdir()) if events.is_dir() else [events]
+    return [f for f in files if f.exists()]
 
 
 def file_kind(path) -> str:
