@@ -436,20 +436,24 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
                desc="flatten")
     jobs = [(items[i], keys[i], space, tr, input_tr, item_events[i], records[i]) for i in mine]
     written: set[str] = set()
-    with ShardWriter(out, shard_size=shard_size, prefix=prefix, start_index=start,
-                     index_step=num_shards) as sink:
-        for job, (sample, error) in zip(jobs, _run_all(jobs, workers, out)):
-            if error is not None:
-                name = job[0][0] if isinstance(job[0], tuple) else job[0]
-                summary.failed.append((name, error))
-                bar.write(f"fmri-bench flatten: error: {error}", file=sys.stderr)
-            else:
-                sink.write_encoded(sample)
-                written.add(job[-1]["id"])
-                summary.runs += 1
-                summary.frames += json.loads(sample["meta.json"])["n_frames"]
-            bar.update(1)
-    bar.close()
+    sink = ShardWriter(out, shard_size=shard_size, prefix=prefix, start_index=start, index_step=num_shards)
+    try:
+        with sink:
+            for job, (sample, error) in zip(jobs, _run_all(jobs, workers, out)):
+                if error is not None:
+                    name = job[0][0] if isinstance(job[0], tuple) else job[0]
+                    summary.failed.append((name, error))
+                    bar.write(f"fmri-bench flatten: error: {error}", file=sys.stderr)
+                else:
+                    sink.write_encoded(sample)  # a failed write: InputError naming the shard
+                    written.add(job[-1]["id"])
+                    summary.runs += 1
+                    summary.frames += json.loads(sample["meta.json"])["n_frames"]
+                bar.update(1)
+    except OSError as err:  # a worker's spill file (disk full, ...); the shard being written is dropped
+        raise InputError(f"cannot write ({err.strerror or err})", err.filename or out) from None
+    finally:
+        bar.close()  # an error message starts on a line of its own
     summary.shards = [str(p) for p in sink.paths]
     if overwrite and summary.runs:  # the earlier call's shards this one did not write again
         # (kept when nothing new was written: a mistyped input must not delete earlier work)

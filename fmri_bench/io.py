@@ -186,6 +186,11 @@ def _load_image(path):
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found" if not path.exists() else "not a file", path)
+    try:  # nibabel's file-type sniffing reports an unreadable file as an unknown type
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot read the file ({exc.strerror or _short(exc)})", path) from None
     try:
         img = nib.load(path)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:

@@ -21,6 +21,7 @@ decoded runs; ``fmri_bench.clips`` cuts them into clips.
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import io
 import json
@@ -213,32 +214,49 @@ class ShardWriter:
         key = sample["__key__"]
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
-        if self._tar is None:
-            self._open()
-        self._tar.write(sample)
-        self._keys.add(key)
-        self._in_shard += 1
-        self.n_samples += 1
         path = self.shard_path(self._index)
-        if self._in_shard >= self.shard_size:
-            self._finish()
+        with self._writing(path):
+            if self._tar is None:
+                self._open()
+            self._tar.write(sample)
+            self._keys.add(key)
+            self._in_shard += 1
+            self.n_samples += 1
+            if self._in_shard >= self.shard_size:
+                self._finish()
         return path
 
     def close(self) -> None:
         """Finish the current shard (if it holds any sample)."""
         if self._tar is not None:
-            self._finish()
+            with self._writing(self.shard_path(self._index)):
+                self._finish()
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path):
+        """A failed write (disk full, quota, permissions) drops the shard being written and is an
+        InputError naming it: nothing half-written stays."""
+        try:
+            yield
+        except OSError as err:
+            self.abort()
+            raise InputError(f"cannot write the shard ({err.strerror or err})", path) from None
 
     def abort(self) -> None:
         """Drop the shard being written: its temp file is removed, no ``.tar`` appears."""
         tmp, tar, file = self._tmp, self._tar, self._file
+        self._tar = self._file = self._tmp = None
         try:
             if tar is not None:
-                tar.close()
+                tar.close()  # writes the end blocks: fails again on a full disk
+        except OSError:
+            pass
         finally:
-            if file is not None:
-                file.close()
-            self._tar = self._file = self._tmp = None
+            try:
+                if file is not None:
+                    file.close()
+            except OSError:
+                pass
             if tmp is not None and tmp.exists():
                 tmp.unlink()
 
