@@ -267,12 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """An error's message on one line. One re-raised from a DataLoader worker carries the worker's
+    traceback ("Caught InputError in DataLoader worker process 0. Original Traceback ..."): the
+    worker's own message (the traceback's last line) takes the place of that text."""
+    import re
+
+    text = str(err)
+    head, caught, rest = text.partition("Caught ")
+    if caught and "\nOriginal Traceback" in rest:
+        last = rest.strip().splitlines()[-1]
+        text = head + re.sub(r"^[\w.]+: ", "", last, count=1)  # drop "fmri_bench.errors.InputError: "
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except InputError as err:
-        print(f"fmri-bench {args.command}: error: {err}", file=sys.stderr)
+        print(f"fmri-bench {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fmri-bench {args.command}: interrupted", file=sys.stderr)

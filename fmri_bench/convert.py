@@ -15,14 +15,22 @@ Splitting over independent jobs: job ``i`` of ``n`` converts ``inputs[i::n]`` an
 shard indices ``i, i + n, i + 2n, ...``, so jobs never collide and, without failures, together
 number their shards ``0 .. N-1``.
 
-An output folder that already holds this job's shards is refused unless ``resume`` (keep them,
-convert only the runs not in them, number new shards after them: an interrupted conversion
-loses at most the shard it was filling) or ``overwrite`` (write anew, then delete this job's
-shards the new call did not write).
+Keys: ``run_key`` (the readable ``sample_key`` and a short hash of the input's path relative to
+the output folder), so a key belongs to one input path whatever else is listed, in any order.
+Each sample's ``meta.json`` records its input (``input``: that path id and a ``version``: a hash
+of the size and mtime of every file the run is read from, and the settings).
+
+An output folder that already holds this job's shards is refused unless ``resume`` or
+``overwrite``. ``resume`` keeps the shards whose runs are up to date (same input, same version),
+converts the runs not in them and numbers new shards after them (an interrupted conversion loses
+at most the shard it was filling); a shard holding a run whose input changed since is written
+again and then removed (a stale run never counts as done). ``overwrite`` writes anew, then
+deletes this job's shards the new call did not write.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -53,6 +61,7 @@ class FlattenSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
     resumed: int = 0  # runs already in this job's shards (resume), not converted again
+    stale: int = 0  # runs in this job's shards from inputs changed since (resume): converted again
 
     @property
     def frames_per_s(self) -> float:
@@ -63,6 +72,8 @@ class FlattenSummary:
                 f"frames/s={self.frames_per_s:.1f} failed={len(self.failed)}")
         if self.resumed:
             text += f" resumed={self.resumed}"
+        if self.stale:
+            text += f" stale={self.stale}"
         if self.failed:
             text += " (" + ", ".join(os.path.basename(f) for f, _ in self.failed) + ")"
         return text
@@ -104,14 +115,53 @@ def sample_key(path: str | os.PathLike) -> str:
     return key or "run"
 
 
-def unique_keys(names: list) -> list[str]:
-    """``sample_key`` of each input; repeats get ``-2``, ``-3``, ... in input order."""
+def _path_id(path: str | os.PathLike, out: str | os.PathLike) -> str:
+    """10 hex digits of sha1 of ``path`` relative to ``out`` (both made absolute; symlinks are
+    not resolved, so a git-annex / DataLad file keeps its own name)."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+    return hashlib.sha1(rel.encode("utf-8")).hexdigest()[:10]
+
+
+def run_key(item, out: str | os.PathLike) -> str:
+    """The sample key of one input (a path or a (left, right) GIFTI pair) in output folder ``out``.
+
+    ``{sample_key}_{path id}``: the readable name and 10 hex digits of a hash of the input's
+    path relative to ``out``. One input path has one key, whatever else a call lists and in
+    which order; two paths never share one (``run/`` in ``siteA`` and ``siteB``); moving the
+    input and output folders together keeps the keys, and with them the clip draws seeded from
+    the key (``fmri_bench.clips.random_starts``).
+    """
+    path = item[0] if isinstance(item, tuple) else item
+    return f"{sample_key(path)}_{_path_id(path, out)}"
+
+
+def run_keys(items: list, out: str | os.PathLike) -> list[str]:
+    """``run_key`` of each input (distinct inputs whose keys collide are an InputError)."""
     keys, seen = [], {}
-    for name in names:
-        key = sample_key(name[0] if isinstance(name, tuple) else name)
-        seen[key] = seen.get(key, 0) + 1
-        keys.append(key if seen[key] == 1 else f"{key}-{seen[key]}")
+    for item in items:
+        key = run_key(item, out)
+        name = os.fspath(item[0] if isinstance(item, tuple) else item)
+        if key in seen:
+            raise InputError(f"has the same sample key {key!r} as {seen[key]} (a path-hash collision): "
+                             "rename one of them", name)
+        seen[key] = name
+        keys.append(key)
     return keys
+
+
+def input_record(item, out: str | os.PathLike, events=None, settings: dict | None = None) -> dict:
+    """What a sample was made from: {"id": the path id of its key, "version": 16 hex digits of
+    a hash of the size and mtime of every file the run is read from (``io.run_files``) and of
+    ``settings``}. A resume counts a stored run as done only when both match."""
+    from fmri_bench.io import run_files
+
+    path = item[0] if isinstance(item, tuple) else item
+    stats = []
+    for f in run_files(item, events):
+        st = f.stat()
+        stats.append([os.path.relpath(os.path.abspath(f), os.path.abspath(out)), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"files": stats, "settings": settings or {}}, sort_keys=True).encode("utf-8")
+    return {"id": _path_id(path, out), "version": hashlib.sha1(blob).hexdigest()[:16]}
 
 
 def _entities(key: str) -> dict[str, str]:
@@ -166,10 +216,11 @@ def _events_records(events) -> list[dict]:
 
 
 def convert_run(item, key: str, space: str | None = None, tr: float = 1.0,
-                input_tr: float | None = None, events=None) -> dict:
+                input_tr: float | None = None, events=None, record: dict | None = None) -> dict:
     """One input (a path or a (left, right) GIFTI pair) -> an encoded shard sample.
 
-    Raises InputError (naming the file) on bad input.
+    record: the ``input_record`` stored in the meta as ``input``. Raises InputError (naming
+    the file) on bad input.
     """
     from fmri_bench.io import load_run
     from fmri_bench.preprocess import preprocess_run
@@ -192,14 +243,16 @@ def convert_run(item, key: str, space: str | None = None, tr: float = 1.0,
         "n_pixels": int(mapper.n_pixels),
         "entities": _entities(key),
     }
+    if record is not None:
+        meta["input"] = record
     return encode_sample(key, bold, mapper.mask, meta, _events_records(run.events))
 
 
-def _convert_safe(item, key, space, tr, input_tr, events) -> tuple[dict | None, str | None]:
+def _convert_safe(item, key, space, tr, input_tr, events, record=None) -> tuple[dict | None, str | None]:
     """convert_run, with any failure turned into one line naming the file (for the parent)."""
     name = os.fspath(item[0] if isinstance(item, tuple) else item)
     try:
-        return convert_run(item, key, space, tr, input_tr, events), None
+        return convert_run(item, key, space, tr, input_tr, events, record), None
     except InputError as err:
         return None, str(err) if err.path else f"{name}: {err}"
     except Exception as err:  # noqa: BLE001 - one bad file must not stop the others
@@ -237,6 +290,43 @@ def _existing_shards(out: Path, prefix: str, shard_index: int, num_shards: int) 
     from fmri_bench.shards import finished_shards
 
     return {i: p for i, p in finished_shards(out, prefix).items() if i % num_shards == shard_index}
+
+
+def _resume_plan(existing: dict[int, Path], current: dict[str, str]) -> tuple[set[str], dict[Path, set[str]], set[str]]:
+    """Which of this job's runs its shards in ``out`` already hold up to date.
+
+    current: path id -> version of this job's inputs. -> (ids done: in a shard that stays,
+    shards to write again -> the ids of their runs that are still up to date, stale ids: runs
+    stored from an input that changed since). A shard with a stale run is written again (its
+    runs converted anew, the old shard removed afterwards); one that also holds runs of inputs
+    not given now, or runs without an input record, is refused: --resume cannot keep it whole.
+    """
+    from fmri_bench.shards import shard_metas
+
+    done, replace, stale_ids = set(), {}, set()
+    for path in existing.values():
+        records = {}
+        for key, meta in shard_metas(path).items():
+            rec = meta.get("input") if isinstance(meta, dict) else None
+            if not (isinstance(rec, dict) and {"id", "version"} <= set(rec)):
+                raise InputError(f"run {key!r} has no input record (written by an older fmri_bench, or not by "
+                                 "flatten): --resume cannot tell whether it is up to date; use --overwrite", path)
+            records[key] = rec
+        stale = sorted(k for k, r in records.items() if r["id"] in current and r["version"] != current[r["id"]])
+        if not stale:
+            done |= {r["id"] for r in records.values() if r["id"] in current}
+            continue
+        others = sorted(k for k, r in records.items() if r["id"] not in current)
+        if others:
+            raise InputError(f"holds runs whose inputs changed since ({_few(stale)}) beside runs of inputs not "
+                             f"given now ({_few(others)}): give those inputs too, or use --overwrite", path)
+        replace[path] = {r["id"] for k, r in records.items() if k not in stale}
+        stale_ids |= {records[k]["id"] for k in stale}
+    return done, replace, stale_ids - done
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
 
 
 def _items(inputs: list, events: list | None) -> tuple[list, list]:
@@ -320,20 +410,18 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
         names = ", ".join(p.name for p in list(existing.values())[:2]) + (", ..." if len(existing) > 2 else "")
         raise InputError(f"output directory already holds {len(existing)} shards of this job ({names}): "
                          "pass --resume to keep them and convert the rest, or --overwrite to replace them", out)
-    done: set[str] = set()
+    items, item_events = _items(inputs, events)
+    keys = run_keys(items, out)
+    mine = list(range(shard_index, len(items), num_shards))
+    settings = {"space": space, "tr": tr, "input_tr": input_tr}
+    records = {i: input_record(items[i], out, item_events[i], settings) for i in mine}
+    done, replace, stale = set(), {}, set()
     start = shard_index
     if resume and existing:
-        from fmri_bench.shards import shard_keys
-
-        for path in existing.values():
-            done |= shard_keys(path)
+        done, replace, stale = _resume_plan(existing, {r["id"]: r["version"] for r in records.values()})
         start = max(existing) + num_shards
-
-    items, item_events = _items(inputs, events)
-    keys = unique_keys(items)
-    mine = list(range(shard_index, len(items), num_shards))
     n_mine = len(mine)
-    mine = [i for i in mine if keys[i] not in done]
+    mine = [i for i in mine if records[i]["id"] not in done]
     if workers > 1 and len(mine) > 1:
         for s in _spaces(space, [items[i] for i in mine]):
             _mapper(s)  # build / load once, before the workers fork
@@ -341,29 +429,38 @@ def flatten(inputs, out, space: str | None = None, tr: float = 1.0,
 
         compile_kernel()  # and compile the rasteriser once for all of them
 
-    summary = FlattenSummary(resumed=n_mine - len(mine))
+    summary = FlattenSummary(resumed=n_mine - len(mine), stale=len(stale))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(mine), disable=not progress, unit="run", file=sys.stderr,
                desc="flatten")
-    jobs = [(items[i], keys[i], space, tr, input_tr, item_events[i]) for i in mine]
-    with ShardWriter(out, shard_size=shard_size, prefix=prefix, start_index=start,
-                     index_step=num_shards) as sink:
-        for job, (sample, error) in zip(jobs, _run_all(jobs, workers, out)):
-            if error is not None:
-                name = job[0][0] if isinstance(job[0], tuple) else job[0]
-                summary.failed.append((name, error))
-                bar.write(f"fmri-bench flatten: error: {error}", file=sys.stderr)
-            else:
-                sink.write_encoded(sample)
-                summary.runs += 1
-                summary.frames += json.loads(sample["meta.json"])["n_frames"]
-            bar.update(1)
-    bar.close()
+    jobs = [(items[i], keys[i], space, tr, input_tr, item_events[i], records[i]) for i in mine]
+    written: set[str] = set()
+    sink = ShardWriter(out, shard_size=shard_size, prefix=prefix, start_index=start, index_step=num_shards)
+    try:
+        with sink:
+            for job, (sample, error) in zip(jobs, _run_all(jobs, workers, out)):
+                if error is not None:
+                    name = job[0][0] if isinstance(job[0], tuple) else job[0]
+                    summary.failed.append((name, error))
+                    bar.write(f"fmri-bench flatten: error: {error}", file=sys.stderr)
+                else:
+                    sink.write_encoded(sample)  # a failed write: InputError naming the shard
+                    written.add(job[-1]["id"])
+                    summary.runs += 1
+                    summary.frames += json.loads(sample["meta.json"])["n_frames"]
+                bar.update(1)
+    except OSError as err:  # a worker's spill file (disk full, ...); the shard being written is dropped
+        raise InputError(f"cannot write ({err.strerror or err})", err.filename or out) from None
+    finally:
+        bar.close()  # an error message starts on a line of its own
     summary.shards = [str(p) for p in sink.paths]
     if overwrite and summary.runs:  # the earlier call's shards this one did not write again
         # (kept when nothing new was written: a mistyped input must not delete earlier work)
         for path in set(existing.values()) - set(sink.paths):
+            path.unlink(missing_ok=True)
+    for path, valid in replace.items():  # resume: a shard with stale runs, once its valid ones are written anew
+        if valid <= written | done:
             path.unlink(missing_ok=True)
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -186,6 +186,11 @@ def _load_image(path):
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found" if not path.exists() else "not a file", path)
+    try:  # nibabel's file-type sniffing reports an unreadable file as an unknown type
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot read the file ({exc.strerror or _short(exc)})", path) from None
     try:
         img = nib.load(path)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
@@ -241,6 +246,16 @@ def _check_space(found: str, space: str | None, path) -> str:
 # ----------------------------------------------------------------------------- CIFTI
 
 
+_READS = "flatten reads dtseries (time series) or dscalar (maps) files"
+_CIFTI_NOT_DENSE = f"CIFTI columns are not grayordinates (not a dense file): {_READS}"
+_CIFTI_NOT_READ = {  # index-map type (rows, or columns where noted) -> what the file is instead
+    "CIFTI_INDEX_TYPE_BRAIN_MODELS": f"a dense connectome (dconn) is not a time series; {_READS}",
+    "CIFTI_INDEX_TYPE_LABELS": f"a label file (dlabel) holds parcel labels, not a time series; {_READS}",
+    "CIFTI_INDEX_TYPE_PARCELS": f"a parcellated (ptseries / pscalar / pconn) file holds parcels, not vertices; "
+                                f"{_READS} on grayordinates",
+}
+
+
 def read_cifti(path) -> Run:
     """Read a CIFTI-2 dtseries or dscalar onto the fs_LR 32k cortex (V = 59412).
 
@@ -263,9 +278,11 @@ def read_cifti(path) -> Run:
         rows, cols = img.header.matrix.get_index_map(0), img.header.matrix.get_index_map(1)
     except Exception as exc:  # malformed or missing CIFTI XML
         raise InputError(f"malformed CIFTI header ({_short(exc)})", path) from None
-    if cols.indices_map_to_data_type != "CIFTI_INDEX_TYPE_BRAIN_MODELS":
-        raise InputError("CIFTI columns are not grayordinates (expected a dense file)", path)
     kind = rows.indices_map_to_data_type
+    if cols.indices_map_to_data_type != "CIFTI_INDEX_TYPE_BRAIN_MODELS":
+        raise InputError(_CIFTI_NOT_READ.get(cols.indices_map_to_data_type, _CIFTI_NOT_DENSE), path)
+    if kind in _CIFTI_NOT_READ:
+        raise InputError(_CIFTI_NOT_READ[kind], path)
     if kind == "CIFTI_INDEX_TYPE_SERIES":
         if str(rows.series_unit).upper() != "SECOND":
             raise InputError(f"CIFTI series unit is {rows.series_unit}, expected SECOND", path)
@@ -657,18 +674,22 @@ def find_events(path) -> Path | None:
 # ----------------------------------------------------------------------------- dispatch
 
 
-def sidecar_tr(path) -> float | None:
-    """RepetitionTime (s) from the BIDS JSON sidecar of a run (``<name>.json`` beside it), if
-    any: fMRIPrep's func.gii outputs carry their TR only there."""
-    import json
-
+def _sidecar(path) -> Path:
     path = Path(path)
     name = path.name
     for ext in (".dtseries.nii", ".dscalar.nii", ".func.gii", ".gii", ".nii.gz", ".nii"):
         if name.endswith(ext):
             name = name[: -len(ext)]
             break
-    side = path.with_name(name + ".json")
+    return path.with_name(name + ".json")
+
+
+def sidecar_tr(path) -> float | None:
+    """RepetitionTime (s) from the BIDS JSON sidecar of a run (``<name>.json`` beside it), if
+    any: fMRIPrep's func.gii outputs carry their TR only there."""
+    import json
+
+    side = _sidecar(path)
     if not side.is_file():
         return None
     try:
@@ -677,6 +698,29 @@ def sidecar_tr(path) -> float | None:
         raise InputError(f"unreadable JSON sidecar ({_short(exc)})", side) from None
     return _tr_seconds(value, "sec") if isinstance(value, (int, float)) else None
 
+
+
+def run_files(path, events=None) -> list[Path]:
+    """The files ``load_run(path, events=events)`` reads, as far as they exist: the image(s) (a
+    func.gii with its other hemisphere), the JSON sidecar, the events (given, or found beside the
+    run; an EVs directory as its files). What a conversion's output depends on, for telling
+    whether it is still up to date."""
+    if isinstance(path, (tuple, list)):
+        images = [Path(p) for p in path]
+    else:
+        images = [Path(path)]
+        try:
+            if file_kind(path) == "gifti":
+                images = list(gifti_pair(path))
+        except InputError:
+            pass
+    files = images + [_sidecar(images[0])]
+    if events is None:
+        events = find_events(images[0])
+    if isinstance(events, (str, os.PathLike)):
+        events = Path(events)
+        files += sorted(events.iterdir()) if events.is_dir() else [events]
+    return [f for f in files if f.exists()]
 
 
 def file_kind(path) -> str:

@@ -21,11 +21,13 @@ decoded runs; ``fmri_bench.clips`` cuts them into clips.
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import io
 import json
 import os
 import re
+import tarfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -122,21 +124,31 @@ def encode_sample(key: str, bold: np.ndarray, mask: np.ndarray, meta: dict,
 def decode_sample(raw: dict) -> dict:
     """Raw webdataset sample (member name -> bytes) -> {key, bold, mask, meta, events, url}.
 
-    bold: (T, n_pixels) as stored (float16); mask: (H, W) bool.
+    bold: (T, n_pixels) as stored (float16); mask: (H, W) bool. A missing or unreadable member
+    is an InputError naming the shard and the sample.
     """
-    key = raw["__key__"]
+    key, url = raw["__key__"], raw.get("__url__")
     missing = [m for m in ("bold.npy", "mask.npz") if m not in raw]
     if missing:
-        raise ValueError(f"{raw.get('__url__', '?')}: sample {key} lacks {', '.join(missing)}")
-    bold = np.load(io.BytesIO(raw["bold.npy"]), allow_pickle=False)
-    mask = decode_mask(raw["mask.npz"])
+        raise InputError(f"sample {key} lacks {', '.join(missing)}", url)
+
+    def read(member: str, decode, what: str):
+        try:
+            return decode(raw[member])
+        except (ValueError, OSError, EOFError, KeyError, IndexError, zipfile.BadZipFile) as err:
+            raise InputError(f"sample {key}: {member} is not {what} ({_short(err)})", url) from None
+
+    bold = read("bold.npy", lambda b: np.load(io.BytesIO(b), allow_pickle=False), "a readable .npy array")
+    mask = read("mask.npz", decode_mask, "a readable pixel mask")
     if bold.ndim != 2 or bold.shape[1] != int(mask.sum()):
-        raise ValueError(f"{raw.get('__url__', '?')}: sample {key}: bold {bold.shape} does not "
-                         f"match the mask's {int(mask.sum())} pixels")
-    meta = json.loads(raw["meta.json"]) if "meta.json" in raw else {}
-    events = json.loads(raw["events.json"]) if "events.json" in raw else []
-    return {"key": key, "bold": bold, "mask": mask, "meta": meta, "events": events,
-            "url": raw.get("__url__")}
+        raise InputError(f"sample {key}: bold {bold.shape} does not match the mask's {int(mask.sum())} pixels", url)
+    meta = read("meta.json", json.loads, "valid JSON") if "meta.json" in raw else {}
+    events = read("events.json", json.loads, "valid JSON") if "events.json" in raw else []
+    return {"key": key, "bold": bold, "mask": mask, "meta": meta, "events": events, "url": url}
+
+
+def _short(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
 
 
 # ----------------------------------------------------------------------------- writer
@@ -202,32 +214,49 @@ class ShardWriter:
         key = sample["__key__"]
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
-        if self._tar is None:
-            self._open()
-        self._tar.write(sample)
-        self._keys.add(key)
-        self._in_shard += 1
-        self.n_samples += 1
         path = self.shard_path(self._index)
-        if self._in_shard >= self.shard_size:
-            self._finish()
+        with self._writing(path):
+            if self._tar is None:
+                self._open()
+            self._tar.write(sample)
+            self._keys.add(key)
+            self._in_shard += 1
+            self.n_samples += 1
+            if self._in_shard >= self.shard_size:
+                self._finish()
         return path
 
     def close(self) -> None:
         """Finish the current shard (if it holds any sample)."""
         if self._tar is not None:
-            self._finish()
+            with self._writing(self.shard_path(self._index)):
+                self._finish()
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path):
+        """A failed write (disk full, quota, permissions) drops the shard being written and is an
+        InputError naming it: nothing half-written stays."""
+        try:
+            yield
+        except OSError as err:
+            self.abort()
+            raise InputError(f"cannot write the shard ({err.strerror or err})", path) from None
 
     def abort(self) -> None:
         """Drop the shard being written: its temp file is removed, no ``.tar`` appears."""
         tmp, tar, file = self._tmp, self._tar, self._file
+        self._tar = self._file = self._tmp = None
         try:
             if tar is not None:
-                tar.close()
+                tar.close()  # writes the end blocks: fails again on a full disk
+        except OSError:
+            pass
         finally:
-            if file is not None:
-                file.close()
-            self._tar = self._file = self._tmp = None
+            try:
+                if file is not None:
+                    file.close()
+            except OSError:
+                pass
             if tmp is not None and tmp.exists():
                 tmp.unlink()
 
@@ -292,23 +321,52 @@ def expand_urls(urls: str | os.PathLike | Iterable) -> list[str]:
     return out
 
 
+def tar_problem(err: BaseException) -> str:
+    """What a tar reader's error (tarfile's, or webdataset's wrapping of it) says about the file,
+    in one line."""
+    text = str(err.args[0]) if err.args else str(err)
+    text = text.split(" @ ", 1)[0]  # webdataset appends the open file object
+    if "unexpected end of data" in text or "truncated header" in text:
+        return "truncated (the file ends inside a member: an interrupted write or copy; write it again)"
+    if "could not be opened successfully" in text or "empty file" in text:
+        return "not a tar file (a shard is a .tar of webdataset samples)"
+    if "invalid header" in text or "bad checksum" in text:
+        return "not a tar file, or corrupt (invalid tar header)"
+    return " ".join(text.split())
+
+
 def _raw_samples(shards: list[str]) -> Iterator[dict]:
-    if not shards:
-        return iter(())
+    """Raw samples of each shard in turn; a shard that cannot be read is an InputError naming it."""
     # our own rank / worker split happens before this (split_shards): wds must not split again
-    return iter(wds.WebDataset(shards, shardshuffle=False, nodesplitter=None,
-                               workersplitter=None, empty_check=False))
+    for shard in shards:
+        try:
+            yield from wds.WebDataset([shard], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                      empty_check=False)
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise InputError(f"cannot read shard: {tar_problem(err)}", shard) from None
 
 
 def shard_keys(path) -> set[str]:
     """The sample keys in one shard file, from its tar headers (the data are not read)."""
-    import tarfile
+    return set(shard_metas(path))
 
+
+def shard_metas(path) -> dict[str, dict | None]:
+    """key -> the sample's ``meta.json`` (None when it has none) of one shard file; only the
+    meta members are read, the others are skipped past."""
+    metas: dict[str, dict | None] = {}
     try:
-        with tarfile.open(path) as tar:
-            return {name.split(".", 1)[0] for name in tar.getnames()}
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                metas.setdefault(key, None)
+                if ext == "meta.json":
+                    metas[key] = json.load(tar.extractfile(member))
     except (OSError, tarfile.TarError) as err:
-        raise InputError(f"cannot read shard ({err})", path) from None
+        raise InputError(f"cannot read shard: {tar_problem(err)}", path) from None
+    except ValueError as err:  # meta.json that is not JSON
+        raise InputError(f"cannot read shard: a meta.json is not valid JSON ({_short(err)})", path) from None
+    return metas
 
 
 def iter_samples(urls) -> Iterator[dict]:

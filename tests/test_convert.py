@@ -6,6 +6,8 @@ seconds; the real FlatMapper is used by the subprocess CLI test only.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,8 +75,23 @@ def copies(src, folder, names):
     return out
 
 
+def stem(key):
+    """A run key without its path hash (``sub-01_bold_0123456789`` -> ``sub-01_bold``)."""
+    return re.sub(r"_[0-9a-f]{10}$", "", key)
+
+
 def keys_in(out):
-    return [s["key"] for s in iter_samples(out)]
+    """The readable part of each stored key, in shard order."""
+    return [stem(s["key"]) for s in iter_samples(out)]
+
+
+def runs_in(out):
+    """key -> bold of every stored run; a key stored twice is an error."""
+    got = {}
+    for s in iter_samples(out):
+        assert s["key"] not in got, f"{s['key']} stored twice"
+        got[s["key"]] = s["bold"]
+    return got
 
 
 def interrupt_at(monkeypatch, name):
@@ -108,7 +125,7 @@ def test_flatten_cifti_runs_and_map(tmp_path, rng, toy):
     assert summary.line().startswith("runs=3 frames=60 seconds=")
     assert "frames/s=" in summary.line() and summary.line().endswith("failed=0")
 
-    got = {s["key"]: s for s in iter_samples(out)}
+    got = {stem(s["key"]): s for s in iter_samples(out)}
     assert list(got) == ["sub-01_desc-zmap", "sub-01_task-rest_bold", "sub-02_task-rest_bold"]
     s = got["sub-01_task-rest_bold"]
     assert s["bold"].dtype == np.float16 and s["bold"].shape == (20, toy.n_pixels)
@@ -200,7 +217,7 @@ def test_gifti_pair_listed_twice_is_one_run(tmp_path, rng, monkeypatch):
     summary = convert.flatten(paths, tmp_path / "out", progress=False)
     assert (summary.runs, summary.frames, summary.failed) == (1, 11, [])
     (s,) = iter_samples(tmp_path / "out")
-    assert s["key"] == "sub-01_task-x_bold" and s["meta"]["space"] == "fsaverage5"
+    assert stem(s["key"]) == "sub-01_task-x_bold" and s["meta"]["space"] == "fsaverage5"
     both = np.concatenate([lh[:, surf.mesh_index[surf.hemi_slice(0)]],
                            rh[:, surf.mesh_index[surf.hemi_slice(1)]]], axis=1)
     expect = resample_tr(zscore_time(both), 2.0, 1.0)[:, mapper.verts].astype(np.float16)
@@ -215,7 +232,29 @@ def test_sample_keys():
     assert key("sub-01_hemi-L_task-x_bold.func.gii") == key("sub-01_hemi-R_task-x_bold.func.gii") \
         == "sub-01_task-x_bold"
     assert key("run.1.v2.nii.gz") == "run_1_v2"
-    assert convert.unique_keys(["a/x.nii", "b/x.nii", "c/y.nii"]) == ["x", "x-2", "y"]
+
+
+def test_run_keys_are_one_per_input_path(tmp_path, monkeypatch):
+    """A run's key depends on its own path (relative to the output folder) only: not on the
+    other inputs, their order, or where the folders are when moved together."""
+    from fmri_bench.harness.datasets import run_identity
+
+    out = tmp_path / "out"
+    a, b = tmp_path / "in" / "siteA" / "run.dtseries.nii", tmp_path / "in" / "siteB" / "run.dtseries.nii"
+    ka, kb = convert.run_keys([a, b], out)
+    assert ka != kb and stem(ka) == stem(kb) == "run"
+    assert convert.run_keys([b, a], out) == [kb, ka] and convert.run_keys([b], out) == [kb]
+    moved = tmp_path / "elsewhere"
+    assert convert.run_keys([moved / "in" / "siteA" / "run.dtseries.nii"], moved / "out") == [ka]
+    monkeypatch.chdir(tmp_path)  # a relative path is the same input as the absolute one
+    assert convert.run_key(Path("in/siteA/run.dtseries.nii"), "out") == ka
+    # still HCP / BIDS names: the harness reads subject and run from them
+    hcp = convert.run_key("/d/100206/MNINonLinear/Results/tfMRI_WM_LR/tfMRI_WM_LR_Atlas_MSMAll.dtseries.nii", "/o")
+    assert re.fullmatch(r"sub-100206_tfMRI_WM_LR_Atlas_MSMAll_[0-9a-f]{10}", hcp)
+    assert run_identity(hcp, {}) == ("100206", "task", "WM", "WM")
+    bids = convert.run_key("/d/sub-01/func/sub-01_ses-2_task-rest_bold.dtseries.nii", "/o")
+    assert convert._entities(bids) == {"sub": "01", "ses": "2", "task": "rest"}
+    assert run_identity(bids, {"entities": convert._entities(bids)}) == ("01", "rest", "REST2", None)
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -334,8 +373,7 @@ def test_existing_shards_refused_resumed_or_replaced(tmp_path, run8, toy, monkey
     assert (done.runs, done.resumed) == (3, 2) and done.line().endswith("resumed=2")
     assert [Path(p).name for p in done.shards] == ["shard-000001.tar", "shard-000002.tar"]
     assert (out / "shard-000000.tar").read_bytes() == before
-    got = {s["key"]: s["bold"] for s in iter_samples(out)}
-    want = {s["key"]: s["bold"] for s in iter_samples(tmp_path / "full")}
+    got, want = runs_in(out), runs_in(tmp_path / "full")
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
     assert convert.flatten(inputs, out, shard_size=2, progress=False, resume=True).runs == 0
     # overwrite: written anew, and this job's shards it did not write again are gone
@@ -355,3 +393,82 @@ def test_resume_with_an_unreadable_shard_names_it(tmp_path, run8, toy):
     inputs = copies(run8, tmp_path / "in", ["sub-0_bold.dtseries.nii"])
     with pytest.raises(InputError, match="shard-000000.tar.*cannot read shard"):
         convert.flatten(inputs, out, progress=False, resume=True)
+
+
+def test_resume_matches_runs_by_path_not_position(tmp_path, rng, toy):
+    """``flatten siteB/run`` then ``flatten siteA/run siteB/run --resume``: siteA is converted and
+    siteB is stored once (keys that depended on the input order matched siteA to siteB's run)."""
+    runs = []
+    for site, scale in (("siteA", 1.0), ("siteB", 5.0)):
+        (tmp_path / "in" / site).mkdir(parents=True)
+        runs.append(write_cifti(tmp_path / "in" / site / "run.dtseries.nii", series(rng, 8) * scale, tr=1.0))
+    out = tmp_path / "out"
+    convert.flatten(runs[1:], out, progress=False)
+    again = convert.flatten(runs, out, progress=False, resume=True)
+    assert (again.runs, again.resumed) == (1, 1)
+    convert.flatten(runs, tmp_path / "fresh", progress=False)
+    got, want = runs_in(out), runs_in(tmp_path / "fresh")
+    assert len(want) == 2 and got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def _rewrite(path, rng, frames):
+    """The input changes in place (a regenerated cohort): new data, size and mtime."""
+    write_cifti(path, series(rng, frames), tr=1.0)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+
+
+def test_resume_after_an_interrupted_overwrite_of_changed_inputs(tmp_path, rng, toy, monkeypatch):
+    """``--overwrite`` on changed inputs killed midway, then ``--resume``: the runs still stored from
+    the old inputs are stale, converted again, and their shard removed (they counted as done)."""
+    (tmp_path / "in").mkdir()
+    paths = [write_cifti(tmp_path / "in" / f"sub-{i}_bold.dtseries.nii", series(rng, 8), tr=1.0) for i in range(4)]
+    out = tmp_path / "out"
+    convert.flatten(paths, out, shard_size=2, progress=False)  # shard 0: sub-0, sub-1; shard 1: sub-2, sub-3
+    for p in paths:
+        _rewrite(p, rng, 12)
+    real = interrupt_at(monkeypatch, "sub-2")
+    with pytest.raises(KeyboardInterrupt):
+        convert.flatten(paths, out, shard_size=2, progress=False, overwrite=True)
+    monkeypatch.setattr(convert, "convert_run", real)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]  # new, old
+
+    done = convert.flatten(paths, out, shard_size=2, progress=False, resume=True)
+    assert (done.runs, done.resumed) == (2, 2)
+    assert done.stale == 2 and done.line().endswith("resumed=2 stale=2")
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000002.tar"]
+    convert.flatten(paths, tmp_path / "fresh", shard_size=2, progress=False)
+    got, want = runs_in(out), runs_in(tmp_path / "fresh")
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert {v.shape[0] for v in got.values()} == {12}
+    assert convert.flatten(paths, out, shard_size=2, progress=False, resume=True).runs == 0
+
+
+def test_resume_with_changed_settings_or_a_stale_shard_it_cannot_rewrite(tmp_path, rng, toy):
+    (tmp_path / "in").mkdir()
+    a, b = (write_cifti(tmp_path / "in" / f"sub-{i}_bold.dtseries.nii", series(rng, 8), tr=1.0) for i in "ab")
+    out = tmp_path / "out"
+    convert.flatten([a, b], out, shard_size=2, progress=False)
+    # another --tr is another conversion: nothing is kept as done
+    again = convert.flatten([a, b], out, shard_size=2, tr=2.0, progress=False, resume=True)
+    assert (again.runs, again.resumed) == (2, 0)
+    assert again.stale == 2
+    assert {v.shape[0] for v in runs_in(out).values()} == {4} and len(runs_in(out)) == 2
+    # a changed run whose shard also holds a run not given now: refused, nothing touched
+    _rewrite(a, rng, 8)
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    with pytest.raises(InputError, match=r"shard-000001.tar: holds runs whose inputs changed since \(sub-a_bold_"
+                                         r"[0-9a-f]+\) beside runs of inputs not given now \(sub-b_bold_"):
+        convert.flatten([a], out, shard_size=2, tr=2.0, progress=False, resume=True)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+
+
+def test_resume_refuses_shards_without_input_records(tmp_path, run8, toy):
+    from fmri_bench.shards import ShardWriter
+
+    out = tmp_path / "out"
+    with ShardWriter(out) as sink:  # a shard from before input records (or not made by flatten)
+        sink.write("sub-0_bold", np.zeros((4, toy.n_pixels), np.float16), toy.mask, {"tr": 1.0})
+    with pytest.raises(InputError, match="shard-000000.tar: run 'sub-0_bold' has no input record.*--overwrite"):
+        convert.flatten([run8], out, progress=False, resume=True)

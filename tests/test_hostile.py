@@ -101,6 +101,92 @@ def _run_dir_is_a_file(tmp, run8):
     return ["pretrain", "--run-dir", str(tmp / "run"), "data.synthetic=true", "steps=1"]
 
 
+def _good_shard(folder: Path) -> Path:
+    """One shard of three 200-frame runs on a 20 x 50 grid (~1.2 MB): data a cut can land in."""
+    from fmri_bench.shards import ShardWriter
+
+    with ShardWriter(folder, shard_size=8) as sink:
+        for i in range(3):
+            sink.write(f"sub-0{i}_task-rest_bold", np.zeros((200, 1000), np.float16), np.ones((20, 50), bool),
+                       {"tr": 1.0, "entities": {"sub": f"0{i}", "task": "rest"}})
+    return folder / "shard-000000.tar"
+
+
+def _truncated_shard(folder: Path) -> Path:
+    path = _good_shard(folder)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: int(len(blob) * 0.6)])  # the second run's bold.npy is cut
+    return path
+
+
+def _garbage_shard(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "shard-000000.tar"
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    return path
+
+
+def _corrupt_member_shard(folder: Path) -> Path:
+    """A readable tar whose first run's bold.npy is not an array."""
+    import tarfile
+
+    path = _good_shard(folder)
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name == "sub-00_task-rest_bold.bold.npy":
+                data = b"\x93NUMPY garbage" + bytes(100)
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return path
+
+
+def _pretrain_on(make_shard, *overrides):
+    def build(tmp, run8):
+        make_shard(tmp / "shards")
+        return ["pretrain", "--run-dir", str(tmp / "run"), f"data.train_urls=[{tmp / 'shards'}]", "steps=1",
+                "batch_size=2", "progress=false", "figures=false", *overrides]
+    return build
+
+
+def _resume_over(make_shard):
+    def build(tmp, run8):
+        make_shard(tmp / "out")
+        return ["flatten", str(run8), "--out", str(tmp / "out"), "--resume"]
+    return build
+
+
+def _bench_on(make_shard):
+    def build(tmp, run8):
+        make_shard(tmp / "shards")
+        return ["baseline", "chance", "--task", "state21", "--data", str(tmp / "shards"), "--seeds", "1"]
+    return build
+
+
+def _cifti(kind: str):
+    """A tiny CIFTI-2 file of another kind than flatten reads: 5 fs_LR left-cortex vertices."""
+    def build(tmp, run8):
+        import nibabel as nib
+        from nibabel.cifti2 import cifti2_axes as ax
+
+        mask = np.zeros(32492, bool)
+        mask[:5] = True
+        dense = ax.BrainModelAxis.from_mask(mask, name="CortexLeft")
+        parcels = ax.ParcelsAxis.from_brain_models([("p1", dense)])
+        series = ax.SeriesAxis(0.0, 1.0, 4)
+        axes, shape, name = {
+            "dconn": ((dense, dense), (5, 5), "x.dconn.nii"),
+            "dlabel": ((ax.LabelAxis(["l"], {0: ("?", (0, 0, 0, 0)), 1: ("a", (1, 0, 0, 1))}), dense), (1, 5),
+                       "x.dlabel.nii"),
+            "ptseries": ((series, parcels), (4, 1), "x.ptseries.nii"),
+        }[kind]
+        path = tmp / name
+        nib.Cifti2Image(np.ones(shape, np.float32), header=axes).to_filename(path)
+        return ["flatten", str(path), "--out", str(tmp / "out")]
+    return build
+
+
 @dataclass
 class Case:
     name: str
@@ -131,6 +217,24 @@ CASES = [
     Case("depth -1", _pretrain("model_overrides.depth=-1"), 2, "depth must be >= 0", ("run/*",)),
     Case("warmup_steps -10", _pretrain("warmup_steps=-10"), 2, "warmup_steps must be >= 0", ("run/*",)),
     Case("--run-dir is a file", _run_dir_is_a_file, 2, "is a file, not a directory"),
+    # a run that fails before its first checkpoint may leave config.yaml (a corrected retry is not
+    # blocked: test_a_failed_pretrain_does_not_block_a_corrected_retry), never a model or a temp file
+    Case("pretrain: truncated shard", _pretrain_on(_truncated_shard), 2,
+         "shard-000000.tar: cannot read shard: truncated", ("run/*.pt", "run/.tmp-*")),
+    Case("pretrain: garbage shard", _pretrain_on(_garbage_shard), 2, "shard-000000.tar: cannot read shard: not a tar file",
+         ("run/*.pt", "run/.tmp-*")),
+    Case("pretrain: garbage shard, a loader worker", _pretrain_on(_garbage_shard, "num_workers=1"), 2,
+         "shard-000000.tar: cannot read shard: not a tar file", ("run/*.pt", "run/.tmp-*")),
+    Case("pretrain: corrupt bold.npy", _pretrain_on(_corrupt_member_shard), 2,
+         "shard-000000.tar: sample sub-00_task-rest_bold: bold.npy is not a readable .npy array",
+         ("run/*.pt", "run/.tmp-*")),
+    Case("flatten --resume: garbage shard", _resume_over(_garbage_shard), 2,
+         "shard-000000.tar: cannot read shard: not a tar file"),
+    Case("baseline: garbage shard", _bench_on(_garbage_shard), 2, "shard-000000.tar: cannot read shard"),
+    Case("dconn CIFTI", _cifti("dconn"), 2,
+         "a dense connectome (dconn) is not a time series; flatten reads dtseries", ("out/*.tar",)),
+    Case("dlabel CIFTI", _cifti("dlabel"), 2, "a label file (dlabel) holds parcel labels", ("out/*.tar",)),
+    Case("ptseries CIFTI", _cifti("ptseries"), 2, "parcellated (ptseries", ("out/*.tar",)),
 ]
 
 
@@ -240,3 +344,110 @@ def test_a_failed_pretrain_does_not_block_a_corrected_retry(tmp_path, capsys):
     assert main(["pretrain", "--run-dir", str(run), "data.synthetic=true", "steps=1", "batch_size=2",
                  "progress=false", "figures=false", "data.val_batches=1"]) == 0
     assert (run / "model.pt").is_file()
+
+
+# --- permissions and a full disk ------------------------------------------------------------
+# Root passes every permission check, and no small filesystem is at hand: these run the command
+# in a child process in a Linux user namespace (``unshare``). Without CAP_DAC_OVERRIDE over the
+# files here (user namespace, no uid mapping) a mode-0555 folder is not writable even for root;
+# with a mount namespace besides (``unshare -Urm``) the child mounts a 16 KiB tmpfs as --out.
+# Where namespaces are not allowed the tests are skipped with the reason.
+
+TOY_CLI = """
+import sys
+import numpy as np
+from fmri_bench import convert
+from fmri_bench.cli import main
+
+class Toy:  # 4000 pixels: an 8-frame run is a 64 KiB bold.npy
+    space, n_vertices = "fs_LR_32k", 59412
+    mask = np.ones((40, 100), bool)
+    n_pixels = 4000
+    def to_pixels(self, x):
+        return np.atleast_2d(np.asarray(x, np.float32))[:, :4000]
+    def grid_meta(self):
+        return {"space": self.space, "shape": [40, 100], "bbox": [0.0, 100.0, 0.0, 40.0],
+                "pixel_size": 1.0, "max_edge_mm": 16.0}
+
+convert._MAPPERS["fs_LR_32k"] = Toy()
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _namespace(prefix: list[str], probe: str, why: str) -> None:
+    """Skip (saying ``why`` the namespace was needed) unless ``prefix sh -c probe`` exits 0 here."""
+    import shutil
+    import subprocess
+
+    if shutil.which(prefix[0]) is None:
+        pytest.skip(f"{prefix[0]} is not installed, and {why}")
+    res = subprocess.run([*prefix, "sh", "-c", probe], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        said = " ".join(res.stderr.split()) or f"exit {res.returncode}"
+        pytest.skip(f"`{' '.join(prefix)}` fails here ({said}): user or mount namespaces are not allowed "
+                    f"(kernel.unprivileged_userns_clone, user.max_user_namespaces, a seccomp profile), and {why}")
+
+
+def _toy_cli(prefix: list[str], args: list, before: str = "", after: str = "") -> tuple[int, str, str]:
+    """Run ``fmri-bench args`` (toy flat map) in a shell under ``prefix``, between the shell
+    commands ``before`` and ``after`` -> (exit code of the CLI, stderr less progress bars, stdout)."""
+    import subprocess
+    import sys
+
+    shell = f'p="$1"; s="$2"; shift 2; {before} "$p" -c "$s" "$@"; rc=$?; {after} exit $rc'
+    res = subprocess.run([*prefix, "sh", "-c", shell, "sh", sys.executable, TOY_CLI, *map(str, args)],
+                         capture_output=True, text=True, timeout=300)
+    err = [ln for ln in res.stderr.replace("\r", "\n").splitlines() if ln.strip() and "run/s]" not in ln]
+    return res.returncode, "\n".join(err), res.stdout
+
+
+def _unprivileged(tmp_path) -> list[str]:
+    """A command prefix under which file modes bind: none for a non-root user, else a user namespace."""
+    if os.geteuid() != 0:
+        return []
+    probe = tmp_path / "probe"
+    probe.mkdir(mode=0o555)
+    _namespace(["unshare", "-U"], f"! touch {probe}/x 2>/dev/null",
+               "root writes and reads regardless of file modes outside a user namespace")
+    return ["unshare", "-U"]
+
+
+def test_output_folder_not_writable(tmp_path, run8):
+    prefix = _unprivileged(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir(mode=0o555)
+    out.chmod(0o555)
+    code, err, _ = _toy_cli(prefix, ["flatten", run8, "--out", out])
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{out}: output directory is not writable (Permission denied)" in err
+    assert list(out.iterdir()) == []
+
+
+def test_input_not_readable(tmp_path, run8):
+    prefix = _unprivileged(tmp_path)
+    locked = tmp_path / "sub-01_bold.dtseries.nii"
+    locked.write_bytes(Path(run8).read_bytes())
+    locked.chmod(0)
+    code, err, _ = _toy_cli(prefix, ["flatten", locked, "--out", tmp_path / "out"])
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{locked}: " in err and "Permission denied" in err
+    assert not list((tmp_path / "out").glob("*.tar*"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_disk_full_while_writing_a_shard(tmp_path, run8, workers):
+    """workers 1: the shard's own write fails; 2: a worker's spill file (the run's frames, handed
+    to the writing process through a file in --out) fails first."""
+    out = tmp_path / "out"
+    out.mkdir()
+    second = tmp_path / "sub-02_bold.dtseries.nii"
+    second.write_bytes(Path(run8).read_bytes())
+    _namespace(["unshare", "-Urm"], f"mount -t tmpfs -o size=16k tmpfs {out}",
+               "no small filesystem can be mounted as --out without a mount namespace")
+    # in the namespace: --out is a 16 KiB tmpfs; after the command, list what it left there
+    code, err, listing = _toy_cli(["unshare", "-Urm"], ["flatten", run8, second, "--out", out, "--workers", workers],
+                                  before=f"mount -t tmpfs -o size=16k tmpfs {out} || exit 97;", after=f"ls -A {out};")
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    where = f"{out}/shard-000000.tar: cannot write the shard" if workers == 1 else f"{out}: cannot write"
+    assert f"{where} (No space left on device)" in err, err
+    assert listing.strip() == "", listing  # no partial shard, no temp file
