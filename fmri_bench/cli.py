@@ -30,7 +30,7 @@ def _add_flatten(sub) -> None:
     p.add_argument("--num-shards", type=int, default=1, help="number of independent jobs")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
-                       help="keep this job's shards already in --out and convert only the runs not in them")
+                       help="keep this job's shards already in --out and convert only the runs not in them, or whose inputs changed")
     again.add_argument("--overwrite", action="store_true", help="replace this job's shards already in --out")
     p.set_defaults(func=_run_flatten)
 

@@ -230,7 +230,7 @@ CASES = [
          ("run/*.pt", "run/.tmp-*")),
     Case("flatten --resume: garbage shard", _resume_over(_garbage_shard), 2,
          "shard-000000.tar: cannot read shard: not a tar file"),
-    Case("baseline: garbage shard", _bench_on(_garbage_shard), 2, "shard-000000.tar: cannot read shard"),
+    Case("baseline: garbage shard", _bench_on(_garbage_shard), 2, "shard-000000.tar: cannot read shard: not a tar file"),
     Case("dconn CIFTI", _cifti("dconn"), 2,
          "a dense connectome (dconn) is not a time series; flatten reads dtseries", ("out/*.tar",)),
     Case("dlabel CIFTI", _cifti("dlabel"), 2, "a label file (dlabel) holds parcel labels", ("out/*.tar",)),

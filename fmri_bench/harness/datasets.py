@@ -72,7 +72,7 @@ def run_identity(key: str, meta: dict) -> tuple[str | None, str, str, str | None
 
 def scan_runs(urls) -> list[RunInfo]:
     """Read only the meta and events members of each shard (tar headers are skipped past)."""
-    from fmri_bench.shards import expand_urls
+    from fmri_bench.shards import expand_urls, tar_problem
 
     shards = expand_urls(urls)
     if not shards:
@@ -87,7 +87,7 @@ def scan_runs(urls) -> list[RunInfo]:
                         parts[key][ext] = json.load(tf.extractfile(member))
                         parts[key]["shard"] = shard
         except tarfile.TarError as err:
-            raise InputError(f"cannot read shard ({err})", shard) from None
+            raise InputError(f"cannot read shard: {tar_problem(err)}", shard) from None
     runs = []
     for key, p in parts.items():
         meta = p.get("meta.json", {})
