@@ -96,6 +96,21 @@ def _pretrain(*overrides, config: str | None = None):
     return build
 
 
+def _resume_from(kind: str):
+    """pretrain --resume over a run directory whose checkpoint.pt is truncated, random bytes, or
+    a torch file that fmri_bench did not write."""
+    def build(tmp, run8):
+        run = tmp / "run"
+        run.mkdir()
+        buf = io.BytesIO()
+        torch.save({"format": "x", "w": torch.zeros(100)} if kind == "truncated" else {"weights": torch.zeros(3)}, buf)
+        blob = {"truncated": buf.getvalue()[:200], "random": np.random.default_rng(0).bytes(4096),
+                "foreign": buf.getvalue()}[kind]
+        (run / "checkpoint.pt").write_bytes(blob)
+        return ["pretrain", "--run-dir", str(run), "data.synthetic=true", "steps=1", "--resume"]
+    return build
+
+
 def _run_dir_is_a_file(tmp, run8):
     (tmp / "run").write_text("x")
     return ["pretrain", "--run-dir", str(tmp / "run"), "data.synthetic=true", "steps=1"]
@@ -217,6 +232,10 @@ CASES = [
     Case("depth -1", _pretrain("model_overrides.depth=-1"), 2, "depth must be >= 0", ("run/*",)),
     Case("warmup_steps -10", _pretrain("warmup_steps=-10"), 2, "warmup_steps must be >= 0", ("run/*",)),
     Case("--run-dir is a file", _run_dir_is_a_file, 2, "is a file, not a directory"),
+    Case("pretrain --resume: truncated checkpoint", _resume_from("truncated"), 2, "checkpoint.pt: cannot read"),
+    Case("pretrain --resume: random-bytes checkpoint", _resume_from("random"), 2, "checkpoint.pt: cannot read"),
+    Case("pretrain --resume: foreign checkpoint", _resume_from("foreign"), 2,
+         "checkpoint.pt: not a training checkpoint written by pretrain"),
     # a run that fails before its first checkpoint may leave config.yaml (a corrected retry is not
     # blocked: test_a_failed_pretrain_does_not_block_a_corrected_retry), never a model or a temp file
     Case("pretrain: truncated shard", _pretrain_on(_truncated_shard), 2,
