@@ -559,17 +559,24 @@ def _subjects_of(cfg, split: str) -> dict[str, str]:
 
 
 # --- figures ---------------------------------------------------------------------------------
+_STYLES = {ZERO: dict(color="0.45", ls="--"), ORACLES["clean"]: dict(color="k", ls="-."),
+           ORACLES["structured"]: dict(color="k", ls=":")}
+_COLOURS = ("tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:gray")
+
+
+def line_style(name: str, index: int = 0) -> dict:
+    """Colour and line style of a yardstick in every figure (PCA-k: the index-th colour)."""
+    return dict(_STYLES.get(name) or dict(color=_COLOURS[index % len(_COLOURS)], ls=(0, (4, 1, 1, 1))))
+
+
 def draw_yardsticks(ax, report: YardstickReport, split: str = "val", model: bool = False):
     """Horizontal lines at each yardstick's mean loss on ``split`` (a band for its 95 % CI)."""
-    styles = {ZERO: dict(color="0.45", ls="--"), ORACLES["clean"]: dict(color="k", ls="-."),
-              ORACLES["structured"]: dict(color="k", ls=(0, (1, 1)))}
-    colours = iter(["tab:purple", "tab:brown", "tab:olive", "tab:cyan"])
     tag = " (synthetic)" if report.source == "synthetic" else ""
-    for name in report.predictors(split):
+    for i, name in enumerate(report.predictors(split)):
         if name == MODEL and not model:
             continue
         m, lo, hi = report.loss(split, name)
-        style = styles.get(name) or dict(color=next(colours, "tab:gray"), ls=":")
+        style = line_style(name, i)
         ax.axhline(m, lw=1.2, label=f"{name}{tag}: {m:.3f}", **style)
         if hi > lo:
             ax.axhspan(lo, hi, color=style["color"], alpha=0.12, lw=0)

@@ -3,6 +3,7 @@ oracle on the smoke cohort."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import matplotlib
@@ -278,3 +279,40 @@ def test_cohort_oracle_regenerates_the_shards_and_orders_the_yardsticks():
     good = oracle.clip(key, int(start), 16, 2)
     with pytest.raises(InputError, match="regenerated data differ"):
         oracle.clip(key, int(start), 16, 2, data=good + 0.1)
+
+
+# --- per scaling point ---------------------------------------------------------------------------
+def test_each_sweep_point_has_yardsticks_fitted_on_its_own_subset(tmp_path, rng, monkeypatch):
+    from fmri_bench import scaling
+
+    shards = {"train": write_runs(tmp_path / "train", ["1", "2", "3"], rng),
+              "val": write_runs(tmp_path / "val", ["5"], rng), "val_ood": write_runs(tmp_path / "ood", ["6"], rng)}
+    overrides = dict(model_overrides=TINY, steps=2, batch_size=2, warmup_steps=1, eval_every=1, log_every=1,
+                     data=dict(downsample=1, val_batches=1))
+    ycfg = ys.YardstickConfig(pca_k=(1, RANK), n_boot=50)
+    res = scaling.run_sweep([1, 2], shards, tmp_path / "sweep", train_overrides=overrides, n_boot=10,
+                            yardstick_config=ycfg)
+    for p in res.points:
+        assert set(p.yardsticks) == {"val", "val_ood"}
+        val = p.yardsticks["val"]
+        assert val["PCA-3"]["loss"] < 1e-4 < val["predict zero"]["loss"]
+        want = (val["predict zero"]["loss"] - p.best_val) / (val["predict zero"]["loss"] - val["PCA-1"]["loss"])
+        assert val["PCA-1"]["captured"] == pytest.approx(want, abs=2e-3)
+        saved = json.loads((tmp_path / "sweep" / f"n{p.size:04d}_r0" / "result.json").read_text())
+        assert saved["yardsticks"]["report"]["fit"]["subjects"] == p.items  # the point's own subjects only
+    rows = res.rows()
+    assert all("val PCA-1" in r and "captured of PCA-3" in r for r in rows)
+    long = res.yardstick_rows()
+    assert {r["predictor"] for r in long} == {"MAE (best val)", "predict zero", "PCA-1", "PCA-3"}
+    n, loss = res.yardstick_arrays("val")["PCA-1"]
+    assert list(n) == [p.frames for p in res.points] and len(loss) == 2
+    # a finished point reads its yardsticks back; new yardstick settings compute them again
+    monkeypatch.setattr("fmri_bench.yardsticks.yardsticks", lambda *a, **k: pytest.fail("recomputed"))
+    again = scaling.run_sweep([1, 2], shards, tmp_path / "sweep", train_overrides=overrides, n_boot=10,
+                              yardstick_config=ycfg)
+    assert [p.yardsticks for p in again.points] == [p.yardsticks for p in res.points]
+    monkeypatch.undo()
+    other = scaling.run_sweep([1, 2], shards, tmp_path / "sweep", train_overrides=overrides, n_boot=10,
+                              yardstick_config=ys.YardstickConfig(pca_k=(2,), n_boot=10))
+    assert all(set(p.yardsticks["val"]) == {"predict zero", "PCA-2"} for p in other.points)
+    assert all(p.resumed for p in other.points)  # no retraining for new yardsticks
