@@ -527,8 +527,9 @@ def yardsticks(cfg, model=None, cohort=None, config: YardstickConfig | None = No
             if oracle is not None:
                 if "start" not in batch:
                     raise InputError("the oracle needs shard clips (key and start of each clip)")
-                for part, name in ORACLES.items():
-                    clean = torch.stack([oracle.clip(key, int(start), mcfg.num_frames, cfg.data.downsample, part, b)
+                for j, (part, name) in enumerate(ORACLES.items()):  # the data are checked once per clip
+                    clean = torch.stack([oracle.clip(key, int(start), mcfg.num_frames, cfg.data.downsample, part,
+                                                     None if j else b)
                                          for key, start, b in zip(batch["key"], batch["start"], bold)])
                     clean, _ = model.check_inputs(clean, mask)
                     per.setdefault(name, []).append(
@@ -556,6 +557,59 @@ def _subjects_of(cfg, split: str) -> dict[str, str]:
 
     urls = cfg.data.val_urls if split == "val" else cfg.data.val_ood_urls
     return {r.key: r.subject for r in scan_runs(urls)}
+
+
+def _ci(lo: float, hi: float, fmt: str = "{:.3f}") -> str:
+    return "CI n/a" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def verdict(report: YardstickReport, split: str, reference: str) -> str | None:
+    """What the MAE's captured share of ``reference``'s gain says, read from its 95 % CI."""
+    cap = report.captured(split, reference)
+    if cap is None:
+        return None
+    est, lo, hi = cap
+    pct = f"{100 * est:.0f} % {_ci(100 * lo, 100 * hi, '{:.0f}')}"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"captures {pct} of {reference}'s gain over predicting zero (too few clips for an interval)"
+    if hi < 0:
+        return f"is worse than predicting zero ({pct} of {reference}'s gain)"
+    if lo > 1:
+        return f"beats {reference} ({pct} of its gain over predicting zero)"
+    if lo <= 0:
+        return f"is not distinguishable from predicting zero ({pct} of {reference}'s gain)"
+    if hi >= 1:
+        return f"is not distinguishable from {reference} ({pct} of its gain over predicting zero)"
+    return f"captures {pct} of {reference}'s gain over predicting zero"
+
+
+def describe(report: YardstickReport, split: str = "val") -> str:
+    """The split's losses with their CIs, then a verdict per reference (0 % = predicting zero,
+    100 % = the reference), e.g. for a chapter's text cell."""
+    d = report.losses.get(split)
+    if not d:
+        return f"{split}: no clips"
+    what = "synthetic cohort" if report.source == "synthetic" else "real data"
+    parts = []
+    for name in d:
+        m, lo, hi = report.loss(split, name)
+        parts.append(f"{name} {m:.3f} {_ci(lo, hi)}")
+    text = f"{SPLITS.get(split, split)} ({what}, {len(d[ZERO])} clips, 95 % CI over clips): " + "; ".join(parts) + "."
+    if MODEL in d:
+        c = report.config
+        g, lo, hi = bootstrap_ci(np.stack([d[ZERO], d[MODEL]], axis=1), lambda r: r[:, 0].mean() - r[:, 1].mean(),
+                                 n_boot=c.n_boot, seed=c.seed, level=c.level)
+        gain = f"zero - MAE = {g:.3f} {_ci(lo, hi)}"
+        if math.isfinite(hi) and hi < 0:
+            text += f" The MAE is worse than predicting zero ({gain})."
+        elif math.isfinite(lo) and lo <= 0:
+            text += f" The MAE is not distinguishable from predicting zero ({gain})."
+        else:
+            said = [v for name in d if name not in (ZERO, MODEL) and (v := verdict(report, split, name))]
+            text += " The MAE " + "; it ".join(said) + "."
+    if not any(name.startswith("oracle") for name in d):
+        text += " No oracle: " + ("real data have no ground truth." if report.source == "real" else "no cohort given.")
+    return text
 
 
 # --- figures ---------------------------------------------------------------------------------

@@ -213,10 +213,12 @@ def test_a_known_oracle_scores_its_error(tmp_path, rng):
     cfg = toy_config(tmp_path, rng)
 
     class Known:
-        offset = 0.0
+        offset, seen = 0.0, {}
 
         def clip(self, key, start, clip_len, downsample, part, data):
-            return data + self.offset * torch.from_numpy(toy_mask())
+            if data is not None:  # the data come with a clip's first part only (checked once)
+                self.seen[key, start] = data
+            return self.seen[key, start] + self.offset * torch.from_numpy(toy_mask())
 
     oracle = Known()
     exact = ys.yardsticks(cfg, oracle=oracle, config=ys.YardstickConfig(pca_k=(1,), n_boot=50))
@@ -316,3 +318,25 @@ def test_each_sweep_point_has_yardsticks_fitted_on_its_own_subset(tmp_path, rng,
                               yardstick_config=ys.YardstickConfig(pca_k=(2,), n_boot=10))
     assert all(set(p.yardsticks["val"]) == {"predict zero", "PCA-2"} for p in other.points)
     assert all(p.resumed for p in other.points)  # no retraining for new yardsticks
+
+
+def test_verdicts_read_the_intervals():
+    def report(zero, model, ref):
+        n = len(zero)
+        return ys.YardstickReport({"val": {ys.ZERO: np.asarray(zero, float), ys.MODEL: np.asarray(model, float),
+                                           "PCA-20": np.asarray(ref, float)}}, {"val": [str(i) for i in range(n)]},
+                                  ys.YardstickConfig(n_boot=500), "synthetic")
+
+    noise = np.random.default_rng(1).normal(0, 0.01, 40)
+    zero, ref = 1 + noise, 0.4 + noise
+    assert "captures 50 % [" in ys.verdict(report(zero, 0.7 + noise, ref), "val", "PCA-20")
+    assert "not distinguishable from predicting zero" in ys.verdict(report(zero, zero + noise[::-1], ref), "val", "PCA-20")
+    assert "beats PCA-20" in ys.verdict(report(zero, 0.2 + noise, ref), "val", "PCA-20")
+    assert "worse than predicting zero" in ys.verdict(report(zero, 1.2 + noise, ref), "val", "PCA-20")
+    assert "not distinguishable from PCA-20" in ys.verdict(report(zero, ref + noise[::-1], ref), "val", "PCA-20")
+    text = ys.describe(report(zero, 0.7 + noise, ref), "val")
+    assert text.startswith("val, same site (held-out subjects) (synthetic cohort, 40 clips")
+    assert "No oracle: no cohort given." in text
+    assert "The MAE captures 50 % [" in text
+    worse = ys.describe(report(zero, 1.2 + noise, ref), "val")
+    assert "The MAE is worse than predicting zero (zero - MAE = -0.200" in worse and "PCA-20's gain" not in worse
