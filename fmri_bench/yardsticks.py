@@ -119,11 +119,25 @@ def clip_losses(model, imgs: torch.Tensor, pred: torch.Tensor, visible: torch.Te
     predicted frames (N, C, T / t_pred_stride, H, W), visible: (N, L) bool, mask: (N, H, W) bool
     -> (N,) float64.
     """
-    target = model.pred_target(imgs).double()
-    weight = model.loss_weight(mask, visible).double()
-    patches = model.patchify(pred.to(target.dtype), t_patch=model.config.t_pred_patch_size)
-    err = (patches - target).pow(2) * weight
-    return err.sum(dim=(1, 2)) / weight.sum(dim=(1, 2)).clamp_min(1.0)
+    return Scorer(model, imgs, visible, mask)(pred)
+
+
+class Scorer:
+    """``clip_losses`` for many predictions of one batch: the target frames and the per-pixel
+    weight (brain x hidden, ``loss_weight``) are made once, as images of the predicted frames."""
+
+    def __init__(self, model, imgs: torch.Tensor, visible: torch.Tensor, mask: torch.Tensor):
+        u = model.config.t_pred_patch_size
+        self.target = model.unpatchify(model.pred_target(imgs), u).float()  # (N, C, T', H, W)
+        self.weight = model.unpatchify(model.loss_weight(mask, visible), u).float()
+        self.count = self.weight.sum(dim=(1, 2, 3, 4)).double().clamp_min(1.0)
+
+    def __call__(self, pred: torch.Tensor) -> torch.Tensor:
+        if pred.shape != self.target.shape:
+            raise InputError(f"prediction of shape {tuple(pred.shape)}, the predicted frames are "
+                             f"{tuple(self.target.shape)}")
+        err = (pred.float() - self.target).pow_(2).mul_(self.weight)
+        return err.sum(dim=(1, 2, 3, 4), dtype=torch.float64) / self.count
 
 
 def visible_mask(model, imgs: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -320,6 +334,8 @@ class CohortOracle:
             self.specs[key] = specs[(rec["subject"], rec["run"])]
         self.mapper = FlatMapper("fs_LR_32k")
         self._runs: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+        # pooled clips, kept: a scaling sweep asks for the same validation clips at every point
+        self._clips: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def run(self, key: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(data (T', P) float16 as stored in the shards, {part: (T', P) float32}) of one run."""
@@ -346,7 +362,7 @@ class CohortOracle:
             for name, x in (("clean", clean), ("structured", clean + parts["noise"][0] @ parts["noise"][1])):
                 share = ((x - x.mean(axis=0, dtype=np.float64)) * scale).astype(np.float32)
                 out[name] = self.mapper.to_pixels(resample_tr(share, spec.tr, tr_out)).astype(np.float32)
-            if len(self._runs) >= 8:  # keep a few runs: clips come in run order
+            if len(self._runs) >= 4:  # keep a few runs: clips come in run order
                 self._runs.pop(next(iter(self._runs)))
             self._runs[key] = (bold, out)
         return self._runs[key]
@@ -358,18 +374,23 @@ class CohortOracle:
 
         if part not in self.PARTS:
             raise InputError(f"oracle part must be one of {self.PARTS}, got {part!r}")
-        bold, parts = self.run(key)
-        grid = grid_of(self.mapper.mask)
+        where = (key, int(start), int(clip_len), int(downsample), float(clip))
+        if where not in self._clips:
+            bold, parts = self.run(key)
+            grid = grid_of(self.mapper.mask)
+            x = np.asarray(bold[start:start + clip_len], np.float32)
+            sd = np.sqrt(((x - x.mean(1, keepdims=True)) ** 2).mean(1, keepdims=True)).clip(1e-6)
+            self._clips[where] = {"data": clip_image(clip_frames(bold, start, clip_len, clip), grid, downsample)[0]}
+            for name in self.PARTS:
+                s = parts[name][start:start + clip_len]
+                o = np.clip((s - s.mean(1, keepdims=True)) / sd, -clip, clip).astype(np.float32)
+                self._clips[where][name] = clip_image(torch.from_numpy(o), grid, downsample)[0]
+        got = self._clips[where]
         if data is not None:
-            again = clip_image(clip_frames(bold, start, clip_len, clip), grid, downsample)[0]
-            if again.shape != data.shape or float((again - data.float()).abs().max()) > 1e-3:
+            if got["data"].shape != data.shape or float((got["data"] - data.float()).abs().max()) > 1e-3:
                 raise InputError(f"clip {key}@{start}: the regenerated data differ from the shards' "
                                  "(changed generator or preprocessing?): no oracle for them", self.cohort)
-        x = np.asarray(bold[start:start + clip_len], np.float32)
-        s = parts[part][start:start + clip_len]
-        sd = np.sqrt(((x - x.mean(1, keepdims=True)) ** 2).mean(1, keepdims=True)).clip(1e-6)
-        o = np.clip((s - s.mean(1, keepdims=True)) / sd, -clip, clip)
-        return clip_image(torch.from_numpy(o.astype(np.float32)), grid, downsample)[0]
+        return got[part].clone()
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -516,14 +537,14 @@ def yardsticks(cfg, model=None, cohort=None, config: YardstickConfig | None = No
             target = predicted_frames(model, imgs)  # (N, C, T', H, W)
             shown = visible_pixels(model, visible, mask)
             N, C, Tp, H, W = target.shape
-            per.setdefault(ZERO, []).append(clip_losses(model, imgs, torch.zeros_like(target), visible, mask))
+            score = Scorer(model, imgs, visible, mask)
+            per.setdefault(ZERO, []).append(score(torch.zeros_like(target)))
             x = target.reshape(N * C * Tp, H * W)[:, flat].numpy()
             v = shown.reshape(N * C * Tp, H * W)[:, flat].numpy()
             for k in config.pca_k:
                 pred = torch.zeros(N * C * Tp, H * W)
                 pred[:, flat] = torch.from_numpy(pca.predict(x, v, k))
-                per.setdefault(pca_name(k), []).append(
-                    clip_losses(model, imgs, pred.view_as(target), visible, mask))
+                per.setdefault(pca_name(k), []).append(score(pred.view_as(target)))
             if oracle is not None:
                 if "start" not in batch:
                     raise InputError("the oracle needs shard clips (key and start of each clip)")
@@ -532,8 +553,7 @@ def yardsticks(cfg, model=None, cohort=None, config: YardstickConfig | None = No
                                                      None if j else b)
                                          for key, start, b in zip(batch["key"], batch["start"], bold)])
                     clean, _ = model.check_inputs(clean, mask)
-                    per.setdefault(name, []).append(
-                        clip_losses(model, imgs, predicted_frames(model, clean), visible, mask))
+                    per.setdefault(name, []).append(score(predicted_frames(model, clean)))
             if trained is not None:
                 with torch.no_grad():
                     per.setdefault(MODEL, []).append(torch.tensor(
