@@ -420,6 +420,7 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
         from fmri_bench.yardsticks import CohortOracle
 
         oracle = CohortOracle(cohort)  # one for all points: it caches the regenerated runs
+    val_cache: dict = {}  # the points' validation clips, read once
     for (n, r), items in subsets.items():
         keys = {x.key for x in runs if (x.subject if unit == "subjects" else x.key) in items}
         point_dir = out_dir / f"n{n:04d}_r{r}"
@@ -432,7 +433,7 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
             done = json.loads(result.read_text())
             p = SweepPoint(**{**done["point"], "resumed": True})
             if yardstick_config is not None:
-                _point_yardsticks(p, cfg, done, result, yardstick_config, oracle)
+                _point_yardsticks(p, cfg, done, result, yardstick_config, oracle, val_cache)
             points.append(p)
             continue
         if point_dir.exists() and not (started.exists() and json.loads(started.read_text()) == spec):
@@ -449,7 +450,7 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
         text = json.dumps(done, indent=1)
         atomic_save(lambda tmp: tmp.write_text(text), result)
         if yardstick_config is not None:
-            _point_yardsticks(p, cfg, done, result, yardstick_config, oracle)
+            _point_yardsticks(p, cfg, done, result, yardstick_config, oracle, val_cache)
         points.append(p)
     res = SweepResult(points, {}, unit)
     for which in ("val", "val_ood"):
@@ -462,7 +463,7 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
     return res
 
 
-def _point_yardsticks(p: SweepPoint, cfg, done: dict, result: Path, ycfg, oracle) -> None:
+def _point_yardsticks(p: SweepPoint, cfg, done: dict, result: Path, ycfg, oracle, val_cache: dict) -> None:
     """Attach the point's yardsticks (computed once per yardstick config, kept in result.json)."""
     from fmri_bench.yardsticks import ZERO, YardstickReport, yardsticks
 
@@ -471,7 +472,8 @@ def _point_yardsticks(p: SweepPoint, cfg, done: dict, result: Path, ycfg, oracle
     if stored and stored.get("wanted") == wanted:
         report = YardstickReport.from_dict(stored["report"])
     else:
-        report = yardsticks(cfg, config=ycfg, oracle=oracle, source="synthetic" if oracle is not None else None)
+        report = yardsticks(cfg, config=ycfg, oracle=oracle, source="synthetic" if oracle is not None else None,
+                            batches=val_cache)
         text = json.dumps({**done, "yardsticks": {"wanted": wanted, "report": report.to_dict()}}, indent=1)
         atomic_save(lambda tmp: tmp.write_text(text), result)
     p.yardsticks = {}

@@ -474,7 +474,7 @@ class YardstickReport:
 # --- computing them --------------------------------------------------------------------------
 def yardsticks(cfg, model=None, cohort=None, config: YardstickConfig | None = None,
                pca: PixelPCA | None = None, oracle: CohortOracle | None = None,
-               source: str | None = None) -> YardstickReport:
+               source: str | None = None, batches: dict | None = None) -> YardstickReport:
     """Every yardstick on the validation clips of pretraining config ``cfg`` (a ``TrainConfig``).
 
     model: a trained ``MaskedAutoencoderViT`` (adds its per-clip loss as ``MAE``); None: only
@@ -482,6 +482,8 @@ def yardsticks(cfg, model=None, cohort=None, config: YardstickConfig | None = No
     cohort directory, or an existing ``oracle``: adds the oracle; None: no oracle. pca: a fitted
     ``PixelPCA`` to reuse (else fitted on ``cfg``'s training data). source: "synthetic" or
     "real" (default: synthetic when a cohort or ``data.synthetic`` is given, else real).
+    batches: a dict to keep the validation batches in, shared by calls whose configs read the
+    same validation clips (a scaling sweep's points); None: read them here.
     """
     from fmri_bench.grid import downsample
     from fmri_bench.models.mae import MaskedAutoencoderViT, preset_config
@@ -516,8 +518,16 @@ def yardsticks(cfg, model=None, cohort=None, config: YardstickConfig | None = No
 
     losses, clip_ids = {}, {}
     for split in ("val", "val_ood"):
-        batches = val_batches(cfg, split, mcfg)
-        if not batches:
+        if batches is None:
+            split_batches = val_batches(cfg, split, mcfg)
+        else:
+            urls = cfg.data.val_urls if split == "val" else cfg.data.val_ood_urls
+            where = json.dumps([split, urls, cfg.data.synthetic, cfg.data.val_batches, cfg.data.downsample,
+                                cfg.batch_size, cfg.seed, mcfg.num_frames, list(mcfg.img_size)])
+            if where not in batches:
+                batches[where] = val_batches(cfg, split, mcfg)
+            split_batches = batches[where]
+        if not split_batches:
             continue
         held_out = _subjects_of(cfg, split)
         overlap = sorted(set(held_out.values()) & set(pca.subjects))
@@ -527,7 +537,7 @@ def yardsticks(cfg, model=None, cohort=None, config: YardstickConfig | None = No
         gen = torch.Generator().manual_seed(cfg.seed + VAL_MASK_SEED_OFFSET)
         per: dict[str, list] = {}
         ids = []
-        for batch in batches:
+        for batch in split_batches:
             bold, mask = downsample(batch["bold"], batch["mask"], batch_ds)
             noise = model.draw_noise(bold.shape[0], gen)  # the draw train.evaluate makes
             imgs, mask = model.check_inputs(bold, mask)

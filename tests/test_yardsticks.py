@@ -314,9 +314,14 @@ def test_each_sweep_point_has_yardsticks_fitted_on_its_own_subset(tmp_path, rng,
                               yardstick_config=ycfg)
     assert [p.yardsticks for p in again.points] == [p.yardsticks for p in res.points]
     monkeypatch.undo()
+    from fmri_bench import streams
+
+    reads, real_val_batches = [], streams.val_batches
+    monkeypatch.setattr(streams, "val_batches", lambda *a: reads.append(a[1]) or real_val_batches(*a))
     other = scaling.run_sweep([1, 2], shards, tmp_path / "sweep", train_overrides=overrides, n_boot=10,
                               yardstick_config=ys.YardstickConfig(pca_k=(2,), n_boot=10))
     assert all(set(p.yardsticks["val"]) == {"predict zero", "PCA-2"} for p in other.points)
+    assert sorted(reads) == ["val", "val_ood"]  # both points' yardsticks read the validation clips once
     assert all(p.resumed for p in other.points)  # no retraining for new yardsticks
 
 
