@@ -25,9 +25,10 @@ Predictors (each fills in the hidden pixels of the predicted frames):
   on its visible brain pixels (minimum-norm solution if fewer visible pixels than k), and the
   hidden pixels are read off the reconstruction ``mean + coefficients @ components``. The
   subjects of the fit are recorded and a validation clip of one of them is an error.
-  A review of this project measured 0.444 (k=20) and 0.248 (k=70) on the book cohort with a
-  PCA fitted on 12 subjects and tested on 4; here the fit uses every training subject of the
-  pretraining split (and whole runs, not 16-frame clips), so the numbers need not agree.
+  An earlier measurement on the book cohort (synthetic), with a PCA fitted on 12 subjects and
+  tested on 4, gave 0.444 (k=20) and 0.248 (k=70); here the fit uses every training subject of
+  the pretraining split (at most ``max_fit_frames`` frames of whole runs, not 16-frame clips)
+  and the test clips and masks are the MAE's validation ones, so the numbers need not agree.
 - the oracles, synthetic cohorts only. The generator's own parts of the run, taken through
   the data's pipeline: every linear step splits the data into a part and the rest, and the
   oracle keeps its part; the scale factors are the data's. In order: the part's share of the
@@ -490,11 +491,13 @@ def yardsticks(cfg, model=None, cohort=None, config: YardstickConfig | None = No
     from fmri_bench.streams import val_batches
 
     config = config or YardstickConfig()
+    was_training = model is not None and model.training
     if model is None:
         model = MaskedAutoencoderViT(preset_config(cfg.model, **cfg.model_overrides))  # for its masks
         trained = None
     else:
         trained = model.eval()
+        device = next(trained.parameters()).device
     mcfg = model.config
     if oracle is None and cohort is not None:
         oracle = CohortOracle(cohort)
@@ -567,12 +570,15 @@ def yardsticks(cfg, model=None, cohort=None, config: YardstickConfig | None = No
             if trained is not None:
                 with torch.no_grad():
                     per.setdefault(MODEL, []).append(torch.tensor(
-                        [float(trained(bold[i:i + 1], mask[i:i + 1], noise=noise[i:i + 1])[0])
-                         for i in range(N)], dtype=torch.float64))
+                        [float(trained(bold[i:i + 1].to(device), mask[i:i + 1].to(device),
+                                       noise=noise[i:i + 1].to(device))[0]) for i in range(N)],
+                        dtype=torch.float64))
             starts = batch.get("start", [None] * N)
             ids += [f"{k}@{int(s)}" if s is not None else str(k) for k, s in zip(batch["key"], starts)]
         losses[split] = {name: torch.cat(v).numpy() for name, v in per.items()}
         clip_ids[split] = ids
+    if was_training:
+        trained.train()
     if oracle is None:
         notes.append("no oracle: " + ("real data have no ground truth" if source == "real"
                                       else "no cohort given"))
