@@ -39,6 +39,29 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def bootstrap_ci(values, statistic=None, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """Point estimate and percentile-bootstrap interval of ``statistic`` -> (estimate, low, high).
+
+    values: (N,) or (N, m); rows are resampled with replacement, together (a paired bootstrap
+    when the m columns belong to the same unit, e.g. one clip's loss under m predictors).
+    statistic: rows (N, ...) -> float; default the mean. Seeded (``np.random.default_rng(seed)``).
+    Fewer than two rows or ``n_boot=0``: the interval is NaN (unknown, not zero-width).
+    """
+    v = np.asarray(values, dtype=float)
+    stat = statistic or (lambda rows: float(np.mean(rows)))
+    est = float(stat(v))
+    if len(v) < 2 or n_boot <= 0:
+        return est, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    draws = np.array([stat(v[rng.integers(0, len(v), len(v))]) for _ in range(n_boot)], dtype=float)
+    draws = draws[np.isfinite(draws)]
+    if len(draws) == 0:
+        return est, math.nan, math.nan
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return est, float(lo), float(hi)
+
+
 @dataclass
 class Record:
     """One row of a benchmark table. Scores are fractions in [0, 1] (accuracy-like)."""

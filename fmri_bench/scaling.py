@@ -17,6 +17,11 @@ on log L, the space the fits minimise.
 ``run_sweep`` produces the points: it pretrains (``train.train``) on disjoint subject subsets
 of a geometric series of sizes, with repeats, records the best validation loss in and out of
 distribution, and fits both laws; each point is skipped when done and resumed when interrupted.
+With a ``YardstickConfig`` each point also gets its yardsticks (``fmri_bench.yardsticks``) on the
+same validation clips and masks: predict-zero, PCA-k fitted on that point's own training subset,
+and, given the simulated cohort, the generator's oracles; each point's "captured" fraction
+compares its best validation loss with them (an estimate without CI: the model's per-clip
+losses at its best evaluation are not kept).
 """
 
 from __future__ import annotations
@@ -251,6 +256,8 @@ class SweepPoint:
     seconds: float
     run_dir: str
     resumed: bool = False  # True when the result was read back from an earlier run
+    # split -> predictor -> {"loss", "ci_low", "ci_high", "captured"} (synthetic when the cohort is)
+    yardsticks: dict | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -270,10 +277,46 @@ class SweepResult:
         return np.asarray([p.frames for p in pts], float), np.asarray([getattr(p, key) for p in pts], float)
 
     def rows(self) -> list[dict]:
-        """One table row per point (losses are synthetic)."""
-        return [{"size": p.size, "unit": self.unit, "repeat": p.repeat, "runs": p.n_runs, "frames N": p.frames,
-                 "best val (synthetic)": round(p.best_val, 4), "best val OOD (synthetic)": round(p.best_val_ood, 4),
-                 "steps": p.steps, "seconds": round(p.seconds, 1), "resumed": p.resumed} for p in self.points]
+        """One table row per point (losses are synthetic); with yardsticks, the in-distribution
+        predict-zero and PCA losses and the share of each PCA's gain the point's MAE captured."""
+        rows = []
+        for p in self.points:
+            row = {"size": p.size, "unit": self.unit, "repeat": p.repeat, "runs": p.n_runs, "frames N": p.frames,
+                   "best val (synthetic)": round(p.best_val, 4), "best val OOD (synthetic)": round(p.best_val_ood, 4)}
+            for name, y in ((p.yardsticks or {}).get("val") or {}).items():
+                if name == "predict zero" or name.startswith("PCA-"):
+                    row[f"val {name}"] = y["loss"]
+                if name.startswith("PCA-"):
+                    row[f"captured of {name}"] = y["captured"]
+            rows.append({**row, "steps": p.steps, "seconds": round(p.seconds, 1), "resumed": p.resumed})
+        return rows
+
+    def yardstick_rows(self) -> list[dict]:
+        """One row per point, split and yardstick: its loss with the 95 % CI over clips, and the
+        share of its gain over predicting zero that the point's MAE (best validation loss) captured."""
+        from fmri_bench.yardsticks import SPLITS
+
+        rows = []
+        for p in self.points:
+            for split, preds in (p.yardsticks or {}).items():
+                best = p.best_val if split == "val" else p.best_val_ood
+                where = {"size": p.size, "repeat": p.repeat, "frames N": p.frames, "split": SPLITS.get(split, split)}
+                rows.append({**where, "predictor": "MAE (best val)", "loss": round(best, 4), "ci_low": None,
+                             "ci_high": None, "MAE captured": None})
+                for name, y in preds.items():
+                    rows.append({**where, "predictor": name, "loss": y["loss"], "ci_low": y["ci_low"],
+                                 "ci_high": y["ci_high"], "MAE captured": y["captured"]})
+        return rows
+
+    def yardstick_arrays(self, which: str = "val") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """predictor -> (N frames, loss) over the points that have yardsticks, for the plot."""
+        out: dict[str, tuple[list, list]] = {}
+        for p in self.points:
+            for name, y in ((p.yardsticks or {}).get(which) or {}).items():
+                out.setdefault(name, ([], []))
+                out[name][0].append(p.frames)
+                out[name][1].append(y["loss"])
+        return {k: (np.asarray(n, float), np.asarray(v, float)) for k, (n, v) in out.items()}
 
     def fit_rows(self) -> list[dict]:
         """One row per fit, ours (synthetic) and the paper's (real data, quoted)."""
@@ -346,7 +389,7 @@ def _best(history: list[dict], key: str) -> float:
 
 def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subjects",
               train_overrides: dict | None = None, seed: int = 0, n_boot: int = 200,
-              progress: bool = False) -> SweepResult:
+              progress: bool = False, yardstick_config=None, cohort=None) -> SweepResult:
     """Pretrain at each size (and repeat), record the best val / val-OOD loss, fit both laws.
 
     shards: {"train", "val", "val_ood"} shard directories (``harness.cohort_shards``); the
@@ -355,6 +398,9 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
     model, ...). Each point lives in ``out_dir/n{size}_r{repeat}``: a finished point
     (``result.json`` with the same subset and config) is read back, an interrupted one resumes
     from its checkpoint. -> SweepResult; also written to ``out_dir/sweep.json``.
+    yardstick_config: a ``yardsticks.YardstickConfig``: each point's yardsticks (kept in its
+    ``result.json``, computed again only when the yardstick settings change; never a reason to
+    retrain); cohort: the simulated cohort the shards come from, for the oracles (None: none).
     """
     from fmri_bench.harness.datasets import scan_runs
     from fmri_bench.train import TrainConfig, train
@@ -369,6 +415,12 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
     base = {"model": "mae_vit_tiny", "progress": False, "figures": False, **(train_overrides or {})}
     data = {"downsample": 2, **base.pop("data", {})}
     points = []
+    oracle = None
+    if yardstick_config is not None and cohort is not None:
+        from fmri_bench.yardsticks import CohortOracle
+
+        oracle = CohortOracle(cohort)  # one for all points: it caches the regenerated runs
+    val_cache: dict = {}  # the points' validation clips, read once
     for (n, r), items in subsets.items():
         keys = {x.key for x in runs if (x.subject if unit == "subjects" else x.key) in items}
         point_dir = out_dir / f"n{n:04d}_r{r}"
@@ -378,7 +430,11 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
         spec = {"items": items, "config": cfg.to_dict()}
         result, started = point_dir / "result.json", point_dir / "spec.json"
         if result.exists() and json.loads(result.read_text()).get("spec") == spec:
-            points.append(SweepPoint(**{**json.loads(result.read_text())["point"], "resumed": True}))
+            done = json.loads(result.read_text())
+            p = SweepPoint(**{**done["point"], "resumed": True})
+            if yardstick_config is not None:
+                _point_yardsticks(p, cfg, done, result, yardstick_config, oracle, val_cache)
+            points.append(p)
             continue
         if point_dir.exists() and not (started.exists() and json.loads(started.read_text()) == spec):
             shutil.rmtree(point_dir)  # a point of another subset or config: train this one afresh
@@ -390,8 +446,11 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
         p = SweepPoint(n, r, items, len(keys), int(sum(frames_of[k] for k in keys)),
                        _best(metrics["history"], "val_loss"), _best(metrics["history"], "val_ood_loss"),
                        int(metrics["step"]), time.perf_counter() - t0, str(point_dir))
-        text = json.dumps({"spec": spec, "point": p.to_dict()}, indent=1)
+        done = {"spec": spec, "point": p.to_dict()}
+        text = json.dumps(done, indent=1)
         atomic_save(lambda tmp: tmp.write_text(text), result)
+        if yardstick_config is not None:
+            _point_yardsticks(p, cfg, done, result, yardstick_config, oracle, val_cache)
         points.append(p)
     res = SweepResult(points, {}, unit)
     for which in ("val", "val_ood"):
@@ -402,6 +461,42 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
     text = json.dumps(res.to_dict(), indent=1, default=float)
     atomic_save(lambda tmp: tmp.write_text(text), out_dir / "sweep.json")
     return res
+
+
+def _point_yardsticks(p: SweepPoint, cfg, done: dict, result: Path, ycfg, oracle, val_cache: dict) -> None:
+    """Attach the point's yardsticks (computed once per yardstick config, kept in result.json)."""
+    from fmri_bench.yardsticks import ZERO, YardstickReport, yardsticks
+
+    stored = done.get("yardsticks")
+    wanted = {"config": ycfg.to_dict(), "oracle": oracle is not None}
+    if stored and stored.get("wanted") == wanted:
+        report = YardstickReport.from_dict(stored["report"])
+    else:
+        report = yardsticks(cfg, config=ycfg, oracle=oracle, source="synthetic" if oracle is not None else None,
+                            batches=val_cache)
+        text = json.dumps({**done, "yardsticks": {"wanted": wanted, "report": report.to_dict()}}, indent=1)
+        atomic_save(lambda tmp: tmp.write_text(text), result)
+    p.yardsticks = {}
+    for split in report.losses:
+        best = p.best_val if split == "val" else p.best_val_ood
+        p.yardsticks[split] = {}
+        for name in report.predictors(split):
+            m, lo, hi = report.loss(split, name)
+            cap = None if name == ZERO else report.captured(split, name, model_loss=best)
+            p.yardsticks[split][name] = {"loss": round(m, 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4),
+                                         "captured": None if cap is None else round(cap[0], 3)}
+
+
+def draw_point_yardsticks(ax, res: SweepResult, which: str = "val"):
+    """Each yardstick of the sweep's points against N (open markers, thin lines), on a scaling plot."""
+    from fmri_bench.yardsticks import line_style
+
+    for i, (name, (n, loss)) in enumerate(res.yardstick_arrays(which).items()):
+        order = np.argsort(n, kind="stable")
+        ax.plot(n[order], loss[order], marker="o", mfc="none", ms=4, lw=1, label=f"{name} ({which}, synthetic)",
+                **line_style(name, i))
+    ax.legend(fontsize=6, loc="upper right")
+    return ax
 
 
 def _sweep_fits(res: SweepResult, which: str, n, loss, n_boot: int, seed: int) -> dict:
