@@ -256,6 +256,7 @@ class SweepPoint:
     seconds: float
     run_dir: str
     resumed: bool = False  # True when the result was read back from an earlier run
+    stopped_early: bool = False  # the run ended by early stopping (its best validation loss stopped falling)
     # split -> predictor -> {"loss", "ci_low", "ci_high", "captured"} (synthetic when the cohort is)
     yardsticks: dict | None = None
 
@@ -288,7 +289,8 @@ class SweepResult:
                     row[f"val {name}"] = y["loss"]
                 if name.startswith("PCA-"):
                     row[f"captured of {name}"] = y["captured"]
-            rows.append({**row, "steps": p.steps, "seconds": round(p.seconds, 1), "resumed": p.resumed})
+            rows.append({**row, "steps": p.steps, "stopped early": p.stopped_early, "seconds": round(p.seconds, 1),
+                         "resumed": p.resumed})
         return rows
 
     def yardstick_rows(self) -> list[dict]:
@@ -307,6 +309,42 @@ class SweepResult:
                     rows.append({**where, "predictor": name, "loss": y["loss"], "ci_low": y["ci_low"],
                                  "ci_high": y["ci_high"], "MAE captured": y["captured"]})
         return rows
+
+    def learned(self, which: str = "val") -> list[bool] | None:
+        """Per point: is its best loss below the lower end of predict-zero's 95 % CI on the same
+        clips? None when the points have no yardsticks."""
+        from fmri_bench.yardsticks import ZERO
+
+        key = "best_val" if which == "val" else "best_val_ood"
+        zero = [((p.yardsticks or {}).get(which) or {}).get(ZERO) for p in self.points]
+        if not self.points or any(z is None for z in zero):
+            return None
+        return [getattr(p, key) < z["ci_low"] for p, z in zip(self.points, zero)]
+
+    def verdict(self, which: str = "val") -> str:
+        """What the sweep shows, read from the intervals: whether any point learned beyond
+        predicting zero, the fitted slope's CI, and how the PCA yardstick (fitted on each point's
+        own subset) moves over the same sizes."""
+        learned = self.learned(which)
+        where = "same site" if which == "val" else "second site"
+        if learned is not None and not any(learned):
+            return (f"{where}: no point's best loss is below predicting zero's 95 % CI, so at this budget the sweep "
+                    "measures optimisation, not data; no law is fitted (synthetic cohort).")
+        parts = []
+        if learned is not None:
+            parts.append(f"{sum(learned)} of {len(learned)} points beat predicting zero")
+        fit = (self.fits.get(which) or {}).get("paper")
+        if fit is not None and "b" in fit.ci:
+            lo, hi = fit.ci["b"]
+            trend = "falls" if hi < 0 else "rises" if lo > 0 else "shows no trend its 95 % CI can tell from flat"
+            parts.append(f"the loss {trend} with data (b = {fit.exponent:.4f}, CI [{lo:.4f}, {hi:.4f}])")
+        pcas = {k: v for k, v in self.yardstick_arrays(which).items() if k.startswith("PCA-")}
+        if pcas:
+            name = max(pcas, key=lambda k: int(k.split("-")[1]))
+            n, loss = pcas[name]
+            small, large = loss[n == n.min()].mean(), loss[n == n.max()].mean()
+            parts.append(f"{name} on the same subsets goes from {small:.3f} to {large:.3f}")
+        return f"{where}: " + "; ".join(parts) + " (synthetic cohort)." if parts else f"{where}: nothing to read."
 
     def yardstick_arrays(self, which: str = "val") -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """predictor -> (N frames, loss) over the points that have yardsticks, for the plot."""
@@ -445,7 +483,8 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
         metrics = train(cfg, point_dir / "run", resume=True)
         p = SweepPoint(n, r, items, len(keys), int(sum(frames_of[k] for k in keys)),
                        _best(metrics["history"], "val_loss"), _best(metrics["history"], "val_ood_loss"),
-                       int(metrics["step"]), time.perf_counter() - t0, str(point_dir))
+                       int(metrics["step"]), time.perf_counter() - t0, str(point_dir),
+                       stopped_early=bool(metrics.get("stopped_early")))
         done = {"spec": spec, "point": p.to_dict()}
         text = json.dumps(done, indent=1)
         atomic_save(lambda tmp: tmp.write_text(text), result)
@@ -455,6 +494,11 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
     res = SweepResult(points, {}, unit)
     for which in ("val", "val_ood"):
         n, loss = res.arrays(which)
+        learned = res.learned(which)
+        if learned is not None and not any(learned):
+            res.fits[which] = {"paper": None, "offset": None}
+            res.notes.append(f"{which}: no point beats predicting zero (its 95 % CI): no law fitted")
+            continue
         with np.errstate(all="ignore"):  # a flat sweep (tiny runs) gives a ~0 slope and a -> inf
             res.fits[which] = _sweep_fits(res, which, n, loss, n_boot, seed)
     out_dir.mkdir(parents=True, exist_ok=True)

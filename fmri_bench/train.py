@@ -82,6 +82,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     ckpt_every: int = 100
+    # early stopping: stop once this many evaluations in a row bring no val_loss below the best so
+    # far by more than early_stop_min_delta (0: train all the steps); the best loss is kept
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
     progress: bool = True
     figures: bool = True  # reconstruction figure at every evaluation
 
@@ -97,7 +101,10 @@ class TrainConfig:
                      "data config", exclusive=("oversample",))
         check_values(self, {"batch_size": 1, "steps": 1, "base_lr": 0, "warmup_steps": 0, "weight_decay": 0,
                             "grad_clip": 0, "num_workers": 0, "num_threads": 0, "log_every": 1, "eval_every": 0,
-                            "ckpt_every": 0}, "train config", exclusive=("base_lr", "grad_clip"))
+                            "ckpt_every": 0, "early_stop_patience": 0, "early_stop_min_delta": 0},
+                     "train config", exclusive=("base_lr", "grad_clip"))
+        if self.early_stop_patience and not self.eval_every:
+            raise InputError("bad train config: early_stop_patience needs eval_every > 0 (it counts evaluations)")
         try:
             betas = tuple(float(b) for b in self.betas)
         except (TypeError, ValueError):
@@ -199,6 +206,16 @@ def train_stream(cfg: TrainConfig, mcfg, dd: distributed.Distributed):
                        dd.world, cfg.num_workers, cfg.data.oversample, cfg.data.shuffle_buffer, ds)
 
 
+def early_stopped(history: list[dict], patience: int, min_delta: float = 0.0) -> bool:
+    """True once the last ``patience`` evaluations of ``history`` brought no val_loss below the
+    best before them by more than ``min_delta`` (patience 0: never)."""
+    vals = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+    if not patience or len(vals) <= patience:
+        return False
+    best_before = min(vals[:-patience])
+    return min(vals[-patience:]) > best_before - min_delta
+
+
 def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bool = False,
           stop_at: int | None = None) -> dict:
     """Pretrain ``cfg.model`` for ``cfg.steps`` updates -> metrics dict.
@@ -206,8 +223,11 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
     run_dir: where config, metrics, checkpoints and figures go (None: nothing is written).
     resume: continue from ``run_dir/checkpoint.pt`` (exactly; fresh start when there is none).
     stop_at: stop after this step as if killed (tests, time-boxed runs); the run resumes later.
+    With ``cfg.early_stop_patience`` the run ends early (``early_stopped``): the stop is logged
+    (``{"step", "early_stop": True}``), the checkpoint and model.pt are written at that step, and
+    a resumed stopped run trains no further.
     Returns {"step", "train_loss" (mean of the last log window), "val_loss", "val_ood_loss",
-    "clips_per_s", "history" (the train and eval records)}.
+    "clips_per_s", "history" (the train and eval records), "stopped_early"}.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -273,8 +293,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and dd.main), desc="pretrain",
                dynamic_ncols=True)
     window_loss, window_n, t0, clips_s = torch.zeros((), device=device), 0, time.perf_counter(), float("nan")
+    stopped = any(r.get("early_stop") for r in history)
     model.train()
-    while step < cfg.steps:
+    while step < cfg.steps and not stopped:
         # one update
         batch = next(stream)
         bold, mask = _pooled(batch, batch_ds)
@@ -318,9 +339,12 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
                 if run is not None and cfg.figures:
                     _recon_figure(model, val["val"][0] if val.get("val") else batch, batch_ds, cfg.seed + 3, device,
                                   run.path / "figures" / f"recon_{step:06d}.png", step)
+                if early_stopped(history, cfg.early_stop_patience, cfg.early_stop_min_delta):
+                    log({"step": step, "early_stop": True})
+            stopped = bool(dd.broadcast(any(r.get("early_stop") for r in history) if dd.main else None))
             dd.barrier()
             t0 = time.perf_counter()
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or stopped:
             data_states = dd.gather(stream.state_dict())
             if run is not None:
                 run.save_checkpoint({
@@ -330,7 +354,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
         if stop_at is not None and step >= stop_at:
             break
     bar.close()
-    if run is not None and step == cfg.steps:
+    if run is not None and (step == cfg.steps or stopped):
         model.save_pretrained(run.path / "model.pt")
     dd.close()
 
@@ -339,7 +363,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
     return {"step": step, "train_loss": train_recs[-1]["loss"] if train_recs else None,
             "val_loss": evals[-1].get("val_loss") if evals else None,
             "val_ood_loss": evals[-1].get("val_ood_loss") if evals else None,
-            "clips_per_s": clips_s, "history": history}
+            "clips_per_s": clips_s, "history": history, "stopped_early": stopped}
 
 
 def tiny_config(shards: dict, steps: int, batch_size: int = 8, base_lr: float = 1e-2, seed: int = 0,

@@ -83,3 +83,26 @@ def test_offset_law_dropped_on_a_flat_sweep():
     kept = scaling._sweep_fits(scaling.SweepResult([], {}, "subjects"), "val", n, curve, n_boot=20, seed=0)
     assert kept["offset"] is not None and kept["offset"].r2 > 0.99
 
+
+
+def _point(size, best, zero_lo, pca):
+    from fmri_bench.scaling import SweepPoint
+
+    ys = {"predict zero": {"loss": zero_lo + 0.01, "ci_low": zero_lo, "ci_high": zero_lo + 0.02, "captured": None},
+          "PCA-70": {"loss": pca, "ci_low": pca - 0.01, "ci_high": pca + 0.01, "captured": None}}
+    return SweepPoint(size, 0, [], 1, 100 * size, best, best, 10, 1.0, "", yardsticks={"val": ys, "val_ood": ys})
+
+
+def test_verdict_reads_predict_zero_and_the_pca_yardstick():
+    from fmri_bench.scaling import SweepResult, _sweep_fits
+
+    flat = SweepResult([_point(n, 0.75, 0.70, 0.3) for n in (1, 2, 4, 8)], {}, "subjects")
+    assert flat.learned() == [False] * 4
+    assert "measures optimisation, not data; no law is fitted" in flat.verdict()
+    pts = [_point(n, 0.6 - 0.02 * i, 0.70, 0.40 - 0.05 * i) for i, n in enumerate((1, 2, 4, 8))]
+    res = SweepResult(pts, {}, "subjects")
+    n, loss = res.arrays("val")
+    res.fits["val"] = _sweep_fits(res, "val", n, loss, n_boot=50, seed=0)
+    text = res.verdict()
+    assert text.startswith("same site: 4 of 4 points beat predicting zero; the loss falls with data")
+    assert "PCA-70 on the same subsets goes from 0.400 to 0.250" in text

@@ -101,6 +101,32 @@ def test_resume_is_exact(tmp_path):
         assert torch.allclose(p, q, atol=1e-6), n
 
 
+def test_early_stopping_ends_the_run_and_a_resume_trains_no_further(tmp_path):
+    """min_delta 10 is never reached: the run stops after patience + 1 evaluations, writes its
+    model there, and resuming it changes nothing."""
+    cfg = small_cfg(steps=40, eval_every=2, ckpt_every=10, early_stop_patience=2, early_stop_min_delta=10.0)
+    out = train(cfg, tmp_path / "run")
+    assert out["stopped_early"] and out["step"] == 6
+    assert [r["step"] for r in out["history"] if r.get("early_stop")] == [6]
+    assert (tmp_path / "run" / "model.pt").is_file()
+    again = train(cfg, tmp_path / "run", resume=True)
+    assert again["step"] == 6 and again["stopped_early"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == list(range(1, 7))
+    # without early stopping the same run goes on
+    assert train(small_cfg(steps=8, eval_every=2), None)["step"] == 8
+
+
+def test_early_stopped_counts_evaluations_without_a_new_best():
+    from fmri_bench.train import early_stopped
+
+    hist = [{"val_loss": v} for v in (1.0, 0.9, 0.95, 0.92)]
+    assert early_stopped(hist, 2) and not early_stopped(hist, 3) and not early_stopped(hist, 0)
+    assert not early_stopped(hist + [{"val_loss": 0.89}], 2)
+    assert early_stopped(hist + [{"val_loss": 0.89}], 2, min_delta=0.05)
+    with pytest.raises(InputError, match="needs eval_every"):
+        small_cfg(eval_every=0, early_stop_patience=2)
+
+
 def test_resume_is_exact_on_shards_across_epochs(tmp_path):
     urls = [write_shards(tmp_path / "shards")]  # 4 runs x 8 clips = 8 batches of 4 per epoch
     cfg = small_cfg(data={"train_urls": urls, "val_urls": urls, "val_batches": 1}, steps=11, ckpt_every=5,
