@@ -11,6 +11,24 @@ A clip is cut into tubelets of ``t_patch_size`` frames x ``patch_size`` x ``patc
 The paper's ViT-B: 16 frames x 224 x 560 with 16 x 16 x 16 tubelets -> 1 x 14 x 35 = 490 tokens.
 The structure follows facebookresearch/mae (``patchify`` ... ``forward_loss``) and MAE-ST
 (separable learned temporal + spatial position embeddings, ``t_pred_stride``).
+
+The decoder reads only what the loss needs, as the paper's public code (MedARC-AI/fmri-fm,
+``flat_mae/models_mae.py``) does: its own learned class token, the encoded visible tokens and one
+mask token per *hidden brain* token (a token whose patch holds brain pixels and that the encoder
+did not see). Tokens outside the brain never enter the decoder; their loss weight is zero
+anyway (the paper's loss counts brain pixels of hidden tokens only). Two differences from that
+code:
+
+- where a batch mixes brain masks (clips of different spaces or sites), upstream trims every
+  clip's hidden tokens to the batch's smallest count, dropping the raster-last ones, so those
+  patches are never predicted; here each clip's list is padded to the batch's largest count and
+  the padding is masked out of attention (no token attends to it), so every hidden brain token
+  is predicted and a clip's output does not depend on its batch;
+- upstream divides the batch's summed squared error by the batch's pixel count; here each clip
+  is normalised by its own hidden brain pixels and clips are averaged (``forward_loss``; the
+  same number when every clip has as many hidden brain pixels).
+
+With one mask for the whole batch (the usual case) there is no padding and no attention mask.
 """
 
 from __future__ import annotations
@@ -30,7 +48,8 @@ import torch.nn.functional as F
 from fmri_bench.errors import InputError
 from fmri_bench.paths import atomic_save
 
-CHECKPOINT_FORMAT = "fmri_bench.mae/1"
+# /2: the decoder has its own class token and decodes hidden brain tokens only (/1 files predate it)
+CHECKPOINT_FORMAT = "fmri_bench.mae/2"
 
 
 # --- blocks ----------------------------------------------------------------------------------
@@ -247,8 +266,11 @@ class MaskedAutoencoderViT(nn.Module):
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
 
-        # decoder
+        # decoder. Its class token is its own learned token, as upstream (fmri-fm flat_mae and
+        # its MAE-ST-based predecessor), not the encoder's cls through decoder_embed (the
+        # facebookresearch/mae choice).
         self.decoder_embed = nn.Linear(D, Dd)
+        self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, Dd))
         self.decoder_pos_embed_temporal = nn.Parameter(torch.zeros(1, t, Dd))
@@ -268,6 +290,7 @@ class MaskedAutoencoderViT(nn.Module):
                   self.decoder_pos_embed_class):
             nn.init.trunc_normal_(p, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.zeros_(self.decoder_cls_token)  # upstream starts the decoder's class token at zero
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -395,19 +418,49 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.norm(x), visible, ids_keep
 
-    def forward_decoder(self, latent: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """latent: (N, 1+K, D), ids_keep: (N, K) -> pred (N, L, u*p*p*C), u = t_patch / t_pred_stride."""
-        x = self.decoder_embed(latent)  # (N, 1+K, Dd)
-        N, _, Dd = x.shape
-        L = self.config.num_patches
-        # mask tokens everywhere, the encoded visible tokens scattered back to their places
-        tokens = self.mask_token.to(x.dtype).expand(N, L, Dd)
-        tokens = tokens.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, Dd), x[:, 1:])
-        tokens = tokens + self._pos_embed(decoder=True)
-        x = torch.cat([x[:, :1] + self.decoder_pos_embed_class, tokens], dim=1)  # (N, 1+L, Dd)
+    def hidden_brain_ids(self, brain: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens the decoder predicts. brain, visible: (N, L) bool
+        -> ids (N, Q) long (each clip's hidden brain tokens in token order, then padding),
+        valid (N, Q) bool (False on padding); Q = the batch's largest count of hidden brain tokens.
+
+        A padding slot holds the index of a token that is not a hidden brain token (ids stay a
+        permutation prefix, so a scatter back to the grid never collides)."""
+        hidden = brain & ~visible
+        count = hidden.sum(dim=1)  # (N,)
+        Q = int(count.max())
+        ids = torch.argsort((~hidden).to(torch.uint8), dim=1, stable=True)[:, :Q]  # hidden first
+        valid = torch.arange(Q, device=ids.device) < count[:, None]
+        return ids, valid
+
+    def forward_decoder(self, latent: torch.Tensor, ids_keep: torch.Tensor, pred_ids: torch.Tensor,
+                        pred_valid: torch.Tensor) -> torch.Tensor:
+        """latent: (N, 1+K, D) encoder output (cls first), ids_keep: (N, K), pred_ids / pred_valid:
+        (N, Q) from ``hidden_brain_ids`` -> pred (N, L, u*p*p*C), u = t_patch / t_pred_stride, zero at
+        tokens not decoded (visible, outside the brain).
+
+        Decoder input: [own cls, K visible, Q mask tokens] (N, 1+K+Q, Dd), each with its decoder
+        position embedding. The encoder's cls does not enter the decoder (as upstream)."""
+        x = self.decoder_embed(latent[:, 1:])  # (N, K, Dd)
+        N, K, Dd = x.shape
+        pos = self._pos_embed(decoder=True).expand(N, -1, -1)  # (N, L, Dd)
+
+        def pos_at(ids):
+            return torch.gather(pos, 1, ids.unsqueeze(-1).expand(-1, -1, Dd))
+
+        cls = (self.decoder_cls_token + self.decoder_pos_embed_class).expand(N, -1, -1)
+        queries = self.mask_token + pos_at(pred_ids)  # (N, Q, Dd)
+        x = torch.cat([cls, x + pos_at(ids_keep), queries], dim=1)  # (N, 1+K+Q, Dd)
+        attn_mask = None
+        if not bool(pred_valid.all()):  # clips with fewer hidden brain tokens: keys off on padding
+            keys = torch.cat([torch.ones(N, 1 + K, dtype=torch.bool, device=x.device), pred_valid], dim=1)
+            attn_mask = keys[:, None, None, :]  # (N, 1, 1, 1+K+Q)
         for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x[:, 1:]))
+            x = blk(x, attn_mask)
+        out = self.decoder_pred(self.decoder_norm(x[:, 1 + K:]))  # (N, Q, P)
+        out = out * pred_valid.unsqueeze(-1).to(out.dtype)
+        P = out.shape[-1]
+        pred = out.new_zeros(N, self.config.num_patches, P)
+        return pred.scatter(1, pred_ids.unsqueeze(-1).expand(-1, -1, P), out)
 
     def pred_target(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs: (N, C, T, H, W) -> the frames the decoder predicts, patchified (N, L, u*p*p*C)."""
@@ -439,7 +492,8 @@ class MaskedAutoencoderViT(nn.Module):
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
                 mask_ratio: float | None = None, noise: torch.Tensor | None = None):
         """imgs: (N, C, T, H, W), mask: (H, W) | (N, H, W) bool
-        -> loss (scalar), pred (N, L, u*p*p*C), visible (N, L) bool.
+        -> loss (scalar), pred (N, L, u*p*p*C) (decoded at hidden brain tokens, zero elsewhere),
+        visible (N, L) bool.
 
         ``generator`` draws the masking noise (reproducible masks); ``noise`` (from ``draw_noise``)
         overrides it, e.g. to share one draw across DDP ranks.
@@ -447,14 +501,16 @@ class MaskedAutoencoderViT(nn.Module):
         imgs, mask = self.check_inputs(imgs, mask)
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         latent, visible, ids_keep = self.forward_encoder(imgs, mask, ratio, generator, noise)
-        pred = self.forward_decoder(latent, ids_keep)
+        pred_ids, pred_valid = self.hidden_brain_ids(self.brain_patches(mask), visible)
+        pred = self.forward_decoder(latent, ids_keep, pred_ids, pred_valid)
         return self.forward_loss(imgs, pred, visible, mask), pred, visible
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
                     mask_ratio: float | None = None) -> dict[str, torch.Tensor]:
         """One masked reconstruction, as images on the predicted frames (T / t_pred_stride of them):
-        dict target, masked_input (0 where hidden), pred, all (N, C, T', H, W), and loss."""
+        dict target, masked_input (0 where hidden), pred (0 at visible tokens: only hidden brain
+        tokens are decoded), all (N, C, T', H, W), and loss."""
         imgs, mask = self.check_inputs(imgs, mask)
         loss, pred, visible = self.forward(imgs, mask, generator, mask_ratio)
         u = self.config.t_pred_patch_size
@@ -502,7 +558,7 @@ class MaskedAutoencoderViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters trained without weight decay: biases, norms, tokens, position embeddings."""
         return {n for n, p in self.named_parameters()
-                if p.ndim <= 1 or "pos_embed" in n or n in ("cls_token", "mask_token")}
+                if p.ndim <= 1 or "pos_embed" in n or n in ("cls_token", "decoder_cls_token", "mask_token")}
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write weights + config to one file (atomic), readable by ``from_pretrained``."""
@@ -561,11 +617,16 @@ def from_pretrained(path: str | os.PathLike, map_location="cpu") -> MaskedAutoen
     return model
 
 
-def forward_flops(cfg: MAEConfig) -> float:
+def forward_flops(cfg: MAEConfig, brain_tokens: int | None = None) -> float:
     """Analytic forward FLOPs of one clip at the config's mask ratio: matmuls (2 per multiply-add)
-    and attention (QK^T and AV); norms and activations are left out. Training ~ 3x this."""
+    and attention (QK^T and AV); norms and activations are left out. Training ~ 3x this.
+
+    brain_tokens: tokens whose patch holds brain (default: all L); the decoder reads 1 + K + Q
+    tokens, Q = brain_tokens - K hidden brain tokens."""
     L = cfg.num_patches
-    K = max(1, int(L * (1 - cfg.mask_ratio)))
+    B = L if brain_tokens is None else int(brain_tokens)
+    K = max(1, min(int(L * (1 - cfg.mask_ratio)), B))
+    Q = B - K
     D, Dd = cfg.embed_dim, cfg.decoder_embed_dim
     patch = cfg.t_patch_size * cfg.patch_size ** 2 * cfg.in_chans
     pred = cfg.t_pred_patch_size * cfg.patch_size ** 2 * cfg.in_chans
@@ -574,7 +635,7 @@ def forward_flops(cfg: MAEConfig) -> float:
         return depth * (2 * n * d * d * (4 + 2 * cfg.mlp_ratio) + 4 * n * n * d)
 
     enc = 2 * K * patch * D + blocks(cfg.depth, K + 1, D)
-    dec = 2 * (K + 1) * D * Dd + blocks(cfg.decoder_depth, L + 1, Dd) + 2 * L * Dd * pred
+    dec = 2 * K * D * Dd + blocks(cfg.decoder_depth, 1 + K + Q, Dd) + 2 * Q * Dd * pred
     return float(enc + dec)
 
 
