@@ -48,6 +48,16 @@ def test_patchify_unpatchify_round_trip_and_layout():
     assert torch.equal(model.unpatchify(target, t_patch=1), x[:, :, ::2])
 
 
+@pytest.mark.parametrize("t_patch", [None, 1])
+def test_patches_at_cuts_the_rows_of_patchify(t_patch):
+    model = small_model()
+    x = clips(3)
+    ids = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(i))[:10] for i in range(3)])
+    full = model.patchify(x, t_patch=t_patch)
+    want = torch.gather(full, 1, ids.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+    assert torch.equal(model.patches_at(x, ids, t_patch=t_patch), want)
+
+
 def test_forward_shapes():
     model = small_model()
     loss, pred, visible = model(clips(), brain_mask(), torch.Generator().manual_seed(0))
@@ -368,6 +378,8 @@ def test_mixed_masks_pad_and_match_each_clip_alone_in_loss_and_gradient():
     keys = seen[0]["attn_mask"].reshape(3, -1)  # True = attend
     assert keys.sum(1).tolist() == [1 + c for c in counts]  # cls + visible + this clip's hidden only
     assert torch.equal(pred.abs().sum(-1) > 0, brain & ~visible)
+    # the loss on the decoded tokens is the full-grid definition
+    torch.testing.assert_close(loss, model.forward_loss(x * masks[:, None, None], pred, visible, masks))
     model.zero_grad()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -381,3 +393,16 @@ def test_mixed_masks_pad_and_match_each_clip_alone_in_loss_and_gradient():
             alone[n] += p.grad
     for n in ("mask_token", "decoder_cls_token", "decoder_blocks.0.attn.qkv.weight", "patch_embed.weight"):
         torch.testing.assert_close(grads[n], alone[n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(in_chans=2), dict(t_pred_stride=1), dict(t_pred_stride=2, tube_masking=True)])
+def test_decoded_loss_is_the_full_grid_loss(kw):
+    """forward's loss (on the decoded tokens only) equals forward_loss over the whole grid."""
+    model = small_model(**kw)
+    C = model.config.in_chans
+    x = torch.randn(2, C, 4, 32, 64, generator=torch.Generator().manual_seed(1))
+    masks = torch.stack([brain_mask(), brain_mask().flip(1)])
+    loss, pred, visible = model(x, masks, torch.Generator().manual_seed(0))
+    full = model.forward_loss(x * masks[:, None, None], pred, visible, masks)
+    torch.testing.assert_close(loss, full)
+    assert loss.item() > 0.5

@@ -343,6 +343,17 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.einsum("nthwupqc->nctuhpwq", x)
         return x.reshape(N, C, t * u, h * p, w * p)
 
+    def patches_at(self, imgs: torch.Tensor, ids: torch.Tensor, t_patch: int | None = None) -> torch.Tensor:
+        """imgs: (N, C, T, H, W), ids: (N, K) token indices -> (N, K, u*p*p*C): the rows ``ids`` of
+        ``patchify(imgs, t_patch)``, cut out of a strided view (no copy of the whole clip)."""
+        N, C, T, H, W = imgs.shape
+        p, u = self.config.patch_size, t_patch or self.config.t_patch_size
+        t, h, w = T // u, H // p, W // p
+        view = imgs.reshape(N, C, t, u, h, p, w, p).permute(0, 2, 4, 6, 3, 5, 7, 1)  # (N, t, h, w, u, p, q, C)
+        ti, hw = ids // (h * w), ids % (h * w)
+        rows = torch.arange(N, device=ids.device)[:, None]
+        return view[rows, ti, hw // w, hw % w].reshape(N, ids.shape[1], u * p * p * C)
+
     def brain_patches(self, mask: torch.Tensor) -> torch.Tensor:
         """mask: (N, H, W) bool -> (N, L) bool, True where a token's patch holds any brain pixel."""
         p = self.config.patch_size
@@ -360,24 +371,24 @@ class MaskedAutoencoderViT(nn.Module):
         gen_device = generator.device if generator is not None else device
         return torch.rand(size, generator=generator, device=gen_device).to(device)
 
-    def random_masking(self, x: torch.Tensor, mask_ratio: float, brain: torch.Tensor,
+    def random_masking(self, brain: torch.Tensor, mask_ratio: float,
                        generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
-        """Keep a random subset of brain tokens (facebookresearch/mae: argsort of uniform noise).
+        """Choose a random subset of brain tokens to show (facebookresearch/mae: argsort of uniform noise).
 
-        x: (N, L, D); brain: (N, L) bool patch mask; noise: optional (N, L) or (N, h*w) (tube)
-        -> x_kept (N, K, D), visible (N, L) bool, ids_keep (N, K).
+        brain: (N, L) bool patch mask; noise: optional (N, L) or (N, h*w) (tube)
+        -> visible (N, L) bool, ids_keep (N, K).
 
         K = int(L * (1 - mask_ratio)) as upstream (48 of 490 at 0.9), capped by the fewest brain
         tokens in the batch; non-brain tokens get noise + 1 so they sort last and are never kept.
         """
-        N, L, D = x.shape
+        N, L = brain.shape
         t = self.config.grid_size[0]
         n_brain = int(brain.sum(dim=1).min())
         if n_brain == 0:
             raise InputError("a brain mask in the batch has no in-brain pixels")
         if noise is None:
-            noise = self.draw_noise(N, generator, x.device)
-        noise = noise.to(x.device)
+            noise = self.draw_noise(N, generator, brain.device)
+        noise = noise.to(brain.device)
         if self.config.tube_masking:
             # the same spatial draw for every temporal token: stable sort keeps each tube together
             hw = L // t
@@ -388,9 +399,8 @@ class MaskedAutoencoderViT(nn.Module):
             len_keep = max(1, min(int(L * (1 - mask_ratio)), n_brain))
         noise = noise + (~brain).to(noise.dtype)
         ids_keep = torch.argsort(noise, dim=1, stable=True)[:, :len_keep]  # (N, K)
-        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-        visible = torch.zeros(N, L, dtype=torch.bool, device=x.device).scatter_(1, ids_keep, True)
-        return x_kept, visible, ids_keep
+        visible = torch.zeros(N, L, dtype=torch.bool, device=brain.device).scatter_(1, ids_keep, True)
+        return visible, ids_keep
 
     # -- encoder / decoder --------------------------------------------------------------------
     def _pos_embed(self, decoder: bool = False) -> torch.Tensor:
@@ -405,10 +415,9 @@ class MaskedAutoencoderViT(nn.Module):
                         generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
         """imgs: (N, C, T, H, W) zeroed outside brain, mask: (N, H, W) bool
         -> latent (N, 1+K, D) (cls first), visible (N, L) bool, ids_keep (N, K)."""
-        patches = self.patchify(imgs)  # (N, L, t*p*p*C)
-        # choose the visible tokens first and embed only those (the embedding is per token)
-        patches, visible, ids_keep = self.random_masking(patches, mask_ratio, self.brain_patches(mask),
-                                                         generator, noise)
+        # choose the visible tokens first, then cut out and embed only those (the embedding is per token)
+        visible, ids_keep = self.random_masking(self.brain_patches(mask), mask_ratio, generator, noise)
+        patches = self.patches_at(imgs, ids_keep)  # (N, K, t*p*p*C)
         N, K, _ = patches.shape
         pos = self._pos_embed().expand(N, -1, -1)
         x = self.patch_embed(patches) + torch.gather(pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
@@ -435,8 +444,8 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(self, latent: torch.Tensor, ids_keep: torch.Tensor, pred_ids: torch.Tensor,
                         pred_valid: torch.Tensor) -> torch.Tensor:
         """latent: (N, 1+K, D) encoder output (cls first), ids_keep: (N, K), pred_ids / pred_valid:
-        (N, Q) from ``hidden_brain_ids`` -> pred (N, L, u*p*p*C), u = t_patch / t_pred_stride, zero at
-        tokens not decoded (visible, outside the brain).
+        (N, Q) from ``hidden_brain_ids`` -> out (N, Q, u*p*p*C), u = t_patch / t_pred_stride: the
+        prediction at each ``pred_ids`` token, zero on padding (``scatter_pred`` puts it on the grid).
 
         Decoder input: [own cls, K visible, Q mask tokens] (N, 1+K+Q, Dd), each with its decoder
         position embedding. The encoder's cls does not enter the decoder (as upstream)."""
@@ -457,8 +466,12 @@ class MaskedAutoencoderViT(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x, attn_mask)
         out = self.decoder_pred(self.decoder_norm(x[:, 1 + K:]))  # (N, Q, P)
-        out = out * pred_valid.unsqueeze(-1).to(out.dtype)
-        P = out.shape[-1]
+        return out * pred_valid.unsqueeze(-1).to(out.dtype)
+
+    def scatter_pred(self, out: torch.Tensor, pred_ids: torch.Tensor) -> torch.Tensor:
+        """out: (N, Q, P) at pred_ids (N, Q) -> pred (N, L, P) on the token grid, zero at tokens not
+        decoded (visible, outside the brain, padding)."""
+        N, _, P = out.shape
         pred = out.new_zeros(N, self.config.num_patches, P)
         return pred.scatter(1, pred_ids.unsqueeze(-1).expand(-1, -1, P), out)
 
@@ -474,6 +487,24 @@ class MaskedAutoencoderViT(nn.Module):
         N = mask.shape[0]
         brain = mask[:, None, None].expand(N, cfg.in_chans, cfg.num_frames, *cfg.img_size)
         return self.pred_target(brain.float()) * (~visible).unsqueeze(-1).float()
+
+    def decoded_loss(self, imgs: torch.Tensor, mask: torch.Tensor, out: torch.Tensor, pred_ids: torch.Tensor,
+                     pred_valid: torch.Tensor) -> torch.Tensor:
+        """``forward_loss`` computed on the decoded tokens only (what ``forward`` uses; the weight is
+        zero everywhere else). imgs: (N, C, T, H, W), mask: (N, H, W), out: (N, Q, u*p*p*C) the
+        decoder's output at ``pred_ids`` (N, Q), pred_valid: (N, Q) -> scalar."""
+        cfg = self.config
+        u, C, pp = cfg.t_pred_patch_size, cfg.in_chans, cfg.patch_size ** 2
+        N, Q = pred_ids.shape
+        target = self.patches_at(imgs[:, :, ::cfg.t_pred_stride], pred_ids, u)  # (N, Q, u*p*p*C)
+        # the brain pixels of a token are the same in every frame and channel: cut them once
+        _, h, w = cfg.grid_size
+        brain = self.patches_at(mask[:, None, None].float(), pred_ids % (h * w), 1)  # (N, Q, p*p)
+        brain = brain * pred_valid.unsqueeze(-1)
+        weight = brain.view(N, Q, 1, pp, 1).expand(N, Q, u, pp, C).reshape(N, Q, u * pp * C)
+        err = (out.float() - target.float()).pow(2) * weight
+        per_clip = err.sum(dim=(1, 2)) / weight.sum(dim=(1, 2)).clamp_min(1.0)
+        return per_clip.mean()
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, visible: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
@@ -502,8 +533,9 @@ class MaskedAutoencoderViT(nn.Module):
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         latent, visible, ids_keep = self.forward_encoder(imgs, mask, ratio, generator, noise)
         pred_ids, pred_valid = self.hidden_brain_ids(self.brain_patches(mask), visible)
-        pred = self.forward_decoder(latent, ids_keep, pred_ids, pred_valid)
-        return self.forward_loss(imgs, pred, visible, mask), pred, visible
+        out = self.forward_decoder(latent, ids_keep, pred_ids, pred_valid)
+        loss = self.decoded_loss(imgs, mask, out, pred_ids, pred_valid)
+        return loss, self.scatter_pred(out, pred_ids), visible
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
