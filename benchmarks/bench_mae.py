@@ -8,8 +8,9 @@ brain* tokens only, against the step before it (kept here, and only here, as the
 mask tokens at every grid position, brain or not, so the decoder reads 1 + L tokens. Both run on
 the same weights, the same clips and the real fs_LR 32k brain mask (224 x 560, pooled as the
 config pools it), alternating in rounds so that both see the same machine load; the step time
-is the median over rounds. Also ``--patch-sizes``: the same step at other patch sizes on the
-same pixels (fewer, larger tokens), to size the token grid to a CPU.
+is the median over rounds (and the minimum, steadier on a shared machine; ``--threads 1`` is
+steadier still where other jobs share the cores). ``--patch-sizes``: the same step at other
+patch sizes on the same pixels (fewer, larger tokens), to size the token grid to a CPU.
 
 Part 2, throughput (``--throughput``, default on): for ``mae_vit_tiny`` (112 x 280) and
 ``mae_vit_base`` (the paper config, 224 x 560, 490 tokens, mask 0.9) on the same mask: clips/s,
@@ -22,8 +23,8 @@ the same process: a large dense ``torch.mm`` (fp32 on CPU, bf16 on a GPU). Peak 
     python benchmarks/bench_mae.py --no-throughput --patch-sizes 14  # the decoder comparison only
     python benchmarks/bench_mae.py --device cuda --batch 32 --dtype bf16
 
-The last line is machine-readable: ``step_ms_old=... step_ms_new=... speedup=... dec_tokens_old=...
-dec_tokens_new=... [tiny_clips_s=... base_clips_s=... base_mfu=...]``.
+The last line is machine-readable: ``step_ms_old=... step_ms_new=... speedup=... speedup_min=...
+dec_tokens_old=... dec_tokens_new=... [step_ms_p14=...] [tiny_clips_s=... base_clips_s=... base_mfu=...]``.
 """
 
 from __future__ import annotations
@@ -159,9 +160,9 @@ def compare_decoders(name: str, overrides: dict, mask: torch.Tensor, batch: int,
         times["new"].append(timed(new_step, steps, device))
         if old:
             times["old"].append(timed(old_step, steps, device))
-    out["ms_new"] = 1e3 * statistics.median(times["new"])
-    if old:
-        out["ms_old"] = 1e3 * statistics.median(times["old"])
+    for k, v in times.items():
+        if v:
+            out[f"ms_{k}"], out[f"ms_{k}_min"] = 1e3 * statistics.median(v), 1e3 * min(v)
     out["tokens_old"], out["tokens_new"] = decoder_tokens(model, mask)
     out["grid"] = model.config.grid_size
     return out
@@ -214,15 +215,16 @@ def main() -> None:
     mask = fslr_mask(args.downsample)
     c = compare_decoders(args.compare_model, {}, mask, args.compare_batch, device, amp, args.rounds,
                          args.round_steps)
-    speedup = c["ms_old"] / c["ms_new"]
+    speedup, speedup_min = c["ms_old"] / c["ms_new"], c["ms_old_min"] / c["ms_new_min"]
     print(f"decoder comparison: {args.compare_model}, token grid {c['grid']}, batch {args.compare_batch}, "
           f"fs_LR mask pooled {args.downsample}x ({int(mask.sum())} brain pixels), median of {args.rounds} rounds")
-    print(f"{'all-token decoder (previous)':>32}: {c['ms_old']:8.1f} ms/step, {c['tokens_old']:4d} decoder tokens, "
-          f"{c['flops_old'] / 1e9:7.1f} GFLOP/step")
-    print(f"{'hidden-brain decoder (now)':>32}: {c['ms_new']:8.1f} ms/step, {c['tokens_new']:4d} decoder tokens, "
-          f"{c['flops_new'] / 1e9:7.1f} GFLOP/step   speedup {speedup:.2f}x")
+    print(f"{'all-token decoder (previous)':>32}: {c['ms_old']:8.1f} ms/step (min {c['ms_old_min']:.1f}), "
+          f"{c['tokens_old']:4d} decoder tokens, {c['flops_old'] / 1e9:7.1f} GFLOP/step")
+    print(f"{'hidden-brain decoder (now)':>32}: {c['ms_new']:8.1f} ms/step (min {c['ms_new_min']:.1f}), "
+          f"{c['tokens_new']:4d} decoder tokens, {c['flops_new'] / 1e9:7.1f} GFLOP/step   "
+          f"speedup {speedup:.2f}x (of minima {speedup_min:.2f}x)")
     last = (f"step_ms_old={c['ms_old']:.1f} step_ms_new={c['ms_new']:.1f} speedup={speedup:.3f} "
-            f"dec_tokens_old={c['tokens_old']} dec_tokens_new={c['tokens_new']}")
+            f"speedup_min={speedup_min:.3f} dec_tokens_old={c['tokens_old']} dec_tokens_new={c['tokens_new']}")
 
     for p in args.patch_sizes:
         cp = compare_decoders(args.compare_model, {"patch_size": p}, mask, args.compare_batch, device, amp,
