@@ -369,7 +369,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
 def tiny_config(shards: dict, steps: int, batch_size: int = 8, base_lr: float = 1e-2, seed: int = 0,
                 val_batches: int = 2, **operational) -> TrainConfig:
     """The tiny MAE on a cohort's ``{"train", "val", "val_ood"}`` shards (``harness.cohort_shards``),
-    pooled 2 x 2 to 112 x 280, warm-up over the first 10 % of the steps. ``operational``: any of
+    pooled 2 x 2 to 112 x 280, warm-up over the first 10 % of the steps. base_lr 1e-2: see
+    ``pretrained_model`` (upstream's base_lr 1e-3 is for its ViT-B at batch 32). ``operational``: any of
     ``OPERATIONAL_KEYS`` (how the run is observed; defaults: log 20, evaluate and checkpoint 5
     times, no progress bar)."""
     bad = sorted(set(operational) - set(OPERATIONAL_KEYS))
@@ -417,9 +418,11 @@ def pretrained_model(cohort, steps: int = 300, batch_size: int = 8, seed: int = 
     trained once per (cohort and its fingerprint, steps, batch, base_lr, seed) and cached under
     ``paths.data_dir() / "models"``; resumes an interrupted run. -> path of ``model.pt``.
 
-    base_lr 1e-2 (lr = base_lr x batch / 256 = 3.1e-4 at batch 8): measured on the synthetic book
-    cohort, 3000 steps at batch 8 reach a validation loss of 0.668 with 1e-2 and 0.739 with the
-    MAE default 1e-3 (lr 3.1e-5), which barely leaves the predict-zero plateau.
+    base_lr 1e-2 (lr = base_lr x batch / 256 = 3.1e-4 at batch 8). Upstream's ViT-B runs base_lr
+    1e-3 at batch 32 (lr 1.25e-4, MedARC-AI/fmri-fm flat_mae defaults); the same rule at batch 8
+    gives 3.1e-5. Measured on the synthetic book cohort (3000 steps at batch 8, the earlier
+    all-token decoder): validation loss 0.668 with base_lr 1e-2, 0.739 with 1e-3, which barely
+    leaves the predict-zero plateau. The sweep behind the choice: configs/pretrain_tiny_cpu.yaml.
     """
     from fmri_bench.harness.datasets import cohort_fingerprint, cohort_shards
     from fmri_bench.paths import data_dir

@@ -48,6 +48,16 @@ def test_patchify_unpatchify_round_trip_and_layout():
     assert torch.equal(model.unpatchify(target, t_patch=1), x[:, :, ::2])
 
 
+@pytest.mark.parametrize("t_patch", [None, 1])
+def test_patches_at_cuts_the_rows_of_patchify(t_patch):
+    model = small_model()
+    x = clips(3)
+    ids = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(i))[:10] for i in range(3)])
+    full = model.patchify(x, t_patch=t_patch)
+    want = torch.gather(full, 1, ids.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+    assert torch.equal(model.patches_at(x, ids, t_patch=t_patch), want)
+
+
 def test_forward_shapes():
     model = small_model()
     loss, pred, visible = model(clips(), brain_mask(), torch.Generator().manual_seed(0))
@@ -142,7 +152,8 @@ def expected_params(cfg: MAEConfig) -> tuple[int, int]:
     patch = cfg.t_patch_size * cfg.patch_size ** 2 * cfg.in_chans
     pred = cfg.t_pred_patch_size * cfg.patch_size ** 2 * cfg.in_chans
     enc = patch * D + D + (h * w + t + 2) * D + cfg.depth * block(D) + 2 * D
-    dec = D * Dd + Dd + (1 + h * w + t + 1) * Dd + cfg.decoder_depth * block(Dd) + 2 * Dd + Dd * pred + pred
+    # decoder_embed, its own cls token + cls position, mask token, spatial + temporal positions
+    dec = D * Dd + Dd + (1 + 1 + 1 + h * w + t) * Dd + cfg.decoder_depth * block(Dd) + 2 * Dd + Dd * pred + pred
     return enc, dec
 
 
@@ -153,7 +164,7 @@ def test_preset_parameter_counts(name):
     enc, dec = expected_params(cfg)
     assert model.num_params("encoder") == enc and model.num_params("decoder") == dec
     if name == "mae_vit_base":  # the paper: 102.9M in all, 88.6M in the encoder
-        assert (enc + dec, enc) == (102_888_448, 88_581_120)
+        assert (enc + dec, enc) == (102_888_960, 88_581_120)
         assert round((enc + dec) / 1e6, 1) == 102.9 and round(enc / 1e6, 1) == 88.6
         assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (768, 12, 12)
     if name == "mae_vit_small":
@@ -259,3 +270,139 @@ def test_a_batch_of_different_masks_equals_each_clip_alone():
         assert not (visible[b] & ~model.brain_patches(masks[b][None])[0]).any()  # visible only inside brain
     # each clip is normalised by its own masked brain pixels, then clips are averaged
     torch.testing.assert_close(loss, torch.stack([l for l, _, _ in losses]).mean(), atol=1e-5, rtol=1e-5)
+
+
+# --- the decoder reads visible + hidden brain tokens only ----------------------------------------
+def decoder_inputs(model) -> list[dict]:
+    """Record what enters the first decoder block on each call: token count and attention mask."""
+    seen = []
+
+    def hook(_module, args, kwargs):
+        x = args[0]
+        mask = args[1] if len(args) > 1 else kwargs.get("attn_mask")
+        seen.append({"tokens": x.shape[1], "attn_mask": mask})
+
+    model.decoder_blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_only_visible_and_hidden_brain_tokens_reach_the_decoder():
+    model = small_model(mask_ratio=0.75)
+    mask = brain_mask()
+    brain = model.brain_patches(mask[None])[0]
+    n_brain = int(brain.sum())
+    assert n_brain < 64  # some tokens lie outside the brain
+    seen = decoder_inputs(model)
+    loss, pred, visible = model(clips(), mask, torch.Generator().manual_seed(0))
+    K = int(visible[0].sum())
+    # own cls + K visible + (n_brain - K) hidden brain tokens; no attention mask with one brain mask
+    assert seen[0]["tokens"] == 1 + K + (n_brain - K) == 1 + n_brain
+    assert seen[0]["attn_mask"] is None
+    # predictions exist exactly at the hidden brain tokens
+    decoded = pred.abs().sum(-1) > 0
+    assert torch.equal(decoded, brain[None] & ~visible)
+
+
+def test_non_brain_and_visible_tokens_have_zero_loss_weight():
+    model = small_model()
+    mask = brain_mask()
+    brain = model.brain_patches(mask[None])[0]
+    _, pred, visible = model(clips(), mask, torch.Generator().manual_seed(0))
+    weight = model.loss_weight(mask[None].expand(2, -1, -1), visible)  # (N, L, P)
+    per_token = weight.sum(-1)
+    assert (per_token[:, ~brain] == 0).all() and (per_token[visible] == 0).all()
+    assert (per_token[brain[None] & ~visible] > 0).all()
+    # so the zeros the decoder leaves there cannot move the loss: any value there gives the same loss
+    x = clips() * mask
+    pred2 = pred.detach().clone()
+    pred2[:, ~brain] = 1e3
+    pred2[visible] = -1e3
+    torch.testing.assert_close(model.forward_loss(x, pred2, visible, mask[None].expand(2, -1, -1)),
+                               model.forward_loss(x, pred.detach(), visible, mask[None].expand(2, -1, -1)))
+
+
+def all_token_decoder_loss(model, imgs, mask, noise):
+    """The previous decoder, as reference: mask tokens at *every* grid position (brain or not),
+    the encoded visible tokens scattered back to their places, the decoder's class token in front,
+    all 1 + L tokens through the decoder blocks."""
+    imgs, mask = model.check_inputs(imgs, mask)
+    latent, visible, ids_keep = model.forward_encoder(imgs, mask, model.config.mask_ratio, noise=noise)
+    x = model.decoder_embed(latent[:, 1:])
+    N, _, Dd = x.shape
+    tokens = model.mask_token.expand(N, model.config.num_patches, Dd)
+    tokens = tokens.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, Dd), x) + model._pos_embed(decoder=True)
+    cls = (model.decoder_cls_token + model.decoder_pos_embed_class).expand(N, -1, -1)
+    x = torch.cat([cls, tokens], dim=1)
+    for blk in model.decoder_blocks:
+        x = blk(x)
+    pred = model.decoder_pred(model.decoder_norm(x[:, 1:]))
+    return model.forward_loss(imgs, pred, visible, mask), pred, visible
+
+
+@pytest.mark.parametrize("tube", [False, True])
+def test_whole_grid_brain_gives_the_all_token_loss(tube):
+    """When every token holds brain, the hidden brain tokens are all masked tokens: the new decoder
+    sees the same token set as the all-token one (in another order), so loss and predictions agree."""
+    model = small_model(tube_masking=tube)
+    with torch.no_grad():  # non-trivial decoder tokens, so a mix-up of positions would show
+        model.decoder_cls_token.normal_(std=0.5)
+    mask = torch.ones(32, 64, dtype=torch.bool)
+    x = clips(3)
+    noise = model.draw_noise(3, torch.Generator().manual_seed(5))
+    seen = decoder_inputs(model)
+    loss, pred, visible = model(x, mask, noise=noise)
+    assert seen[0]["tokens"] == 1 + 64
+    ref_loss, ref_pred, ref_visible = all_token_decoder_loss(model, x, mask, noise)
+    assert torch.equal(visible, ref_visible)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(pred[~visible], ref_pred[~visible], atol=1e-5, rtol=1e-5)
+    assert loss.item() > 0.5  # an untrained model: a real error, not a zero that matches anything
+
+
+def test_mixed_masks_pad_and_match_each_clip_alone_in_loss_and_gradient():
+    """(N, H, W) masks with different brain counts: the shorter hidden lists are padded, the padding
+    is no attention key, the loss is finite and its gradient is the mean of the clips' own."""
+    model = small_model()
+    masks = torch.stack([brain_mask(), torch.ones(32, 64, dtype=torch.bool), brain_mask().flip(0)])
+    masks[2, :, 40:] = False
+    brain = model.brain_patches(masks)
+    counts = brain.sum(1).tolist()
+    assert len(set(counts)) == 3  # three different brain counts
+    x = clips(3)
+    noise = model.draw_noise(3, torch.Generator().manual_seed(2))
+    seen = decoder_inputs(model)
+    loss, pred, visible = model(x, masks, noise=noise)
+    assert torch.isfinite(loss)
+    K = int(visible[0].sum())
+    assert seen[0]["tokens"] == 1 + K + (max(counts) - K)
+    keys = seen[0]["attn_mask"].reshape(3, -1)  # True = attend
+    assert keys.sum(1).tolist() == [1 + c for c in counts]  # cls + visible + this clip's hidden only
+    assert torch.equal(pred.abs().sum(-1) > 0, brain & ~visible)
+    # the loss on the decoded tokens is the full-grid definition
+    torch.testing.assert_close(loss, model.forward_loss(x * masks[:, None, None], pred, visible, masks))
+    model.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert grads["mask_token"].abs().sum() > 0 and grads["decoder_cls_token"].abs().sum() > 0
+    alone = {n: torch.zeros_like(g) for n, g in grads.items()}
+    for b in range(3):
+        model.zero_grad()
+        (model(x[b:b + 1], masks[b:b + 1], noise=noise[b:b + 1])[0] / 3).backward()
+        for n, p in model.named_parameters():
+            alone[n] += p.grad
+    for n in ("mask_token", "decoder_cls_token", "decoder_blocks.0.attn.qkv.weight", "patch_embed.weight"):
+        torch.testing.assert_close(grads[n], alone[n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(in_chans=2), dict(t_pred_stride=1), dict(t_pred_stride=2, tube_masking=True)])
+def test_decoded_loss_is_the_full_grid_loss(kw):
+    """forward's loss (on the decoded tokens only) equals forward_loss over the whole grid."""
+    model = small_model(**kw)
+    C = model.config.in_chans
+    x = torch.randn(2, C, 4, 32, 64, generator=torch.Generator().manual_seed(1))
+    masks = torch.stack([brain_mask(), brain_mask().flip(1)])
+    loss, pred, visible = model(x, masks, torch.Generator().manual_seed(0))
+    full = model.forward_loss(x * masks[:, None, None], pred, visible, masks)
+    torch.testing.assert_close(loss, full)
+    assert loss.item() > 0.5

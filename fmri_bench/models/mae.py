@@ -11,6 +11,24 @@ A clip is cut into tubelets of ``t_patch_size`` frames x ``patch_size`` x ``patc
 The paper's ViT-B: 16 frames x 224 x 560 with 16 x 16 x 16 tubelets -> 1 x 14 x 35 = 490 tokens.
 The structure follows facebookresearch/mae (``patchify`` ... ``forward_loss``) and MAE-ST
 (separable learned temporal + spatial position embeddings, ``t_pred_stride``).
+
+The decoder reads only what the loss needs, as the paper's public code (MedARC-AI/fmri-fm,
+``flat_mae/models_mae.py``) does: its own learned class token, the encoded visible tokens and one
+mask token per *hidden brain* token (a token whose patch holds brain pixels and that the encoder
+did not see). Tokens outside the brain never enter the decoder; their loss weight is zero
+anyway (the paper's loss counts brain pixels of hidden tokens only). Two differences from that
+code:
+
+- where a batch mixes brain masks (clips of different spaces or sites), upstream trims every
+  clip's hidden tokens to the batch's smallest count, dropping the raster-last ones, so those
+  patches are never predicted; here each clip's list is padded to the batch's largest count and
+  the padding is masked out of attention (no token attends to it), so every hidden brain token
+  is predicted and a clip's output does not depend on its batch;
+- upstream divides the batch's summed squared error by the batch's pixel count; here each clip
+  is normalised by its own hidden brain pixels and clips are averaged (``forward_loss``; the
+  same number when every clip has as many hidden brain pixels).
+
+With one mask for the whole batch (the usual case) there is no padding and no attention mask.
 """
 
 from __future__ import annotations
@@ -30,7 +48,8 @@ import torch.nn.functional as F
 from fmri_bench.errors import InputError
 from fmri_bench.paths import atomic_save
 
-CHECKPOINT_FORMAT = "fmri_bench.mae/1"
+# /2: the decoder has its own class token and decodes hidden brain tokens only (/1 files predate it)
+CHECKPOINT_FORMAT = "fmri_bench.mae/2"
 
 
 # --- blocks ----------------------------------------------------------------------------------
@@ -84,7 +103,10 @@ class MAEConfig:
 
     ``img_size`` is (H, W) of the flat-map grid the model reads. tiny reads the 224 x 560 fs_LR
     grid pooled 2 x 2 (112 x 280, ``data.downsample=2`` in training) with 8 x 8 patches, so it
-    keeps the paper's 1 x 14 x 35 token grid at a quarter of the pixels.
+    keeps the paper's 1 x 14 x 35 token grid at a quarter of the pixels (337 of the 490 tokens
+    hold brain on the fs_LR mask). ``patch_size=14`` (1 x 8 x 20, 124 brain tokens) makes a CPU
+    step ~2.2x cheaper (``benchmarks/bench_mae.py --patch-sizes 14``); whether it lowers the loss
+    reached in a fixed time is not measured yet, so the preset keeps the paper's grid.
     """
 
     img_size: tuple[int, int] = (112, 280)
@@ -247,8 +269,11 @@ class MaskedAutoencoderViT(nn.Module):
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
 
-        # decoder
+        # decoder. Its class token is its own learned token, as upstream (fmri-fm flat_mae and
+        # its MAE-ST-based predecessor), not the encoder's cls through decoder_embed (the
+        # facebookresearch/mae choice).
         self.decoder_embed = nn.Linear(D, Dd)
+        self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, Dd))
         self.decoder_pos_embed_temporal = nn.Parameter(torch.zeros(1, t, Dd))
@@ -268,6 +293,7 @@ class MaskedAutoencoderViT(nn.Module):
                   self.decoder_pos_embed_class):
             nn.init.trunc_normal_(p, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.zeros_(self.decoder_cls_token)  # upstream starts the decoder's class token at zero
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -320,6 +346,17 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.einsum("nthwupqc->nctuhpwq", x)
         return x.reshape(N, C, t * u, h * p, w * p)
 
+    def patches_at(self, imgs: torch.Tensor, ids: torch.Tensor, t_patch: int | None = None) -> torch.Tensor:
+        """imgs: (N, C, T, H, W), ids: (N, K) token indices -> (N, K, u*p*p*C): the rows ``ids`` of
+        ``patchify(imgs, t_patch)``, cut out of a strided view (no copy of the whole clip)."""
+        N, C, T, H, W = imgs.shape
+        p, u = self.config.patch_size, t_patch or self.config.t_patch_size
+        t, h, w = T // u, H // p, W // p
+        view = imgs.reshape(N, C, t, u, h, p, w, p).permute(0, 2, 4, 6, 3, 5, 7, 1)  # (N, t, h, w, u, p, q, C)
+        ti, hw = ids // (h * w), ids % (h * w)
+        rows = torch.arange(N, device=ids.device)[:, None]
+        return view[rows, ti, hw // w, hw % w].reshape(N, ids.shape[1], u * p * p * C)
+
     def brain_patches(self, mask: torch.Tensor) -> torch.Tensor:
         """mask: (N, H, W) bool -> (N, L) bool, True where a token's patch holds any brain pixel."""
         p = self.config.patch_size
@@ -337,24 +374,24 @@ class MaskedAutoencoderViT(nn.Module):
         gen_device = generator.device if generator is not None else device
         return torch.rand(size, generator=generator, device=gen_device).to(device)
 
-    def random_masking(self, x: torch.Tensor, mask_ratio: float, brain: torch.Tensor,
+    def random_masking(self, brain: torch.Tensor, mask_ratio: float,
                        generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
-        """Keep a random subset of brain tokens (facebookresearch/mae: argsort of uniform noise).
+        """Choose a random subset of brain tokens to show (facebookresearch/mae: argsort of uniform noise).
 
-        x: (N, L, D); brain: (N, L) bool patch mask; noise: optional (N, L) or (N, h*w) (tube)
-        -> x_kept (N, K, D), visible (N, L) bool, ids_keep (N, K).
+        brain: (N, L) bool patch mask; noise: optional (N, L) or (N, h*w) (tube)
+        -> visible (N, L) bool, ids_keep (N, K).
 
         K = int(L * (1 - mask_ratio)) as upstream (48 of 490 at 0.9), capped by the fewest brain
         tokens in the batch; non-brain tokens get noise + 1 so they sort last and are never kept.
         """
-        N, L, D = x.shape
+        N, L = brain.shape
         t = self.config.grid_size[0]
         n_brain = int(brain.sum(dim=1).min())
         if n_brain == 0:
             raise InputError("a brain mask in the batch has no in-brain pixels")
         if noise is None:
-            noise = self.draw_noise(N, generator, x.device)
-        noise = noise.to(x.device)
+            noise = self.draw_noise(N, generator, brain.device)
+        noise = noise.to(brain.device)
         if self.config.tube_masking:
             # the same spatial draw for every temporal token: stable sort keeps each tube together
             hw = L // t
@@ -365,9 +402,8 @@ class MaskedAutoencoderViT(nn.Module):
             len_keep = max(1, min(int(L * (1 - mask_ratio)), n_brain))
         noise = noise + (~brain).to(noise.dtype)
         ids_keep = torch.argsort(noise, dim=1, stable=True)[:, :len_keep]  # (N, K)
-        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-        visible = torch.zeros(N, L, dtype=torch.bool, device=x.device).scatter_(1, ids_keep, True)
-        return x_kept, visible, ids_keep
+        visible = torch.zeros(N, L, dtype=torch.bool, device=brain.device).scatter_(1, ids_keep, True)
+        return visible, ids_keep
 
     # -- encoder / decoder --------------------------------------------------------------------
     def _pos_embed(self, decoder: bool = False) -> torch.Tensor:
@@ -382,10 +418,9 @@ class MaskedAutoencoderViT(nn.Module):
                         generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
         """imgs: (N, C, T, H, W) zeroed outside brain, mask: (N, H, W) bool
         -> latent (N, 1+K, D) (cls first), visible (N, L) bool, ids_keep (N, K)."""
-        patches = self.patchify(imgs)  # (N, L, t*p*p*C)
-        # choose the visible tokens first and embed only those (the embedding is per token)
-        patches, visible, ids_keep = self.random_masking(patches, mask_ratio, self.brain_patches(mask),
-                                                         generator, noise)
+        # choose the visible tokens first, then cut out and embed only those (the embedding is per token)
+        visible, ids_keep = self.random_masking(self.brain_patches(mask), mask_ratio, generator, noise)
+        patches = self.patches_at(imgs, ids_keep)  # (N, K, t*p*p*C)
         N, K, _ = patches.shape
         pos = self._pos_embed().expand(N, -1, -1)
         x = self.patch_embed(patches) + torch.gather(pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
@@ -395,19 +430,53 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.norm(x), visible, ids_keep
 
-    def forward_decoder(self, latent: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """latent: (N, 1+K, D), ids_keep: (N, K) -> pred (N, L, u*p*p*C), u = t_patch / t_pred_stride."""
-        x = self.decoder_embed(latent)  # (N, 1+K, Dd)
-        N, _, Dd = x.shape
-        L = self.config.num_patches
-        # mask tokens everywhere, the encoded visible tokens scattered back to their places
-        tokens = self.mask_token.to(x.dtype).expand(N, L, Dd)
-        tokens = tokens.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, Dd), x[:, 1:])
-        tokens = tokens + self._pos_embed(decoder=True)
-        x = torch.cat([x[:, :1] + self.decoder_pos_embed_class, tokens], dim=1)  # (N, 1+L, Dd)
+    def hidden_brain_ids(self, brain: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens the decoder predicts. brain, visible: (N, L) bool
+        -> ids (N, Q) long (each clip's hidden brain tokens in token order, then padding),
+        valid (N, Q) bool (False on padding); Q = the batch's largest count of hidden brain tokens.
+
+        A padding slot holds the index of a token that is not a hidden brain token (ids stay a
+        permutation prefix, so a scatter back to the grid never collides)."""
+        hidden = brain & ~visible
+        count = hidden.sum(dim=1)  # (N,)
+        Q = int(count.max())
+        ids = torch.argsort((~hidden).to(torch.uint8), dim=1, stable=True)[:, :Q]  # hidden first
+        valid = torch.arange(Q, device=ids.device) < count[:, None]
+        return ids, valid
+
+    def forward_decoder(self, latent: torch.Tensor, ids_keep: torch.Tensor, pred_ids: torch.Tensor,
+                        pred_valid: torch.Tensor) -> torch.Tensor:
+        """latent: (N, 1+K, D) encoder output (cls first), ids_keep: (N, K), pred_ids / pred_valid:
+        (N, Q) from ``hidden_brain_ids`` -> out (N, Q, u*p*p*C), u = t_patch / t_pred_stride: the
+        prediction at each ``pred_ids`` token, zero on padding (``scatter_pred`` puts it on the grid).
+
+        Decoder input: [own cls, K visible, Q mask tokens] (N, 1+K+Q, Dd), each with its decoder
+        position embedding. The encoder's cls does not enter the decoder (as upstream)."""
+        x = self.decoder_embed(latent[:, 1:])  # (N, K, Dd)
+        N, K, Dd = x.shape
+        pos = self._pos_embed(decoder=True).expand(N, -1, -1)  # (N, L, Dd)
+
+        def pos_at(ids):
+            return torch.gather(pos, 1, ids.unsqueeze(-1).expand(-1, -1, Dd))
+
+        cls = (self.decoder_cls_token + self.decoder_pos_embed_class).expand(N, -1, -1)
+        queries = self.mask_token + pos_at(pred_ids)  # (N, Q, Dd)
+        x = torch.cat([cls, x + pos_at(ids_keep), queries], dim=1)  # (N, 1+K+Q, Dd)
+        attn_mask = None
+        if not bool(pred_valid.all()):  # clips with fewer hidden brain tokens: keys off on padding
+            keys = torch.cat([torch.ones(N, 1 + K, dtype=torch.bool, device=x.device), pred_valid], dim=1)
+            attn_mask = keys[:, None, None, :]  # (N, 1, 1, 1+K+Q)
         for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x[:, 1:]))
+            x = blk(x, attn_mask)
+        out = self.decoder_pred(self.decoder_norm(x[:, 1 + K:]))  # (N, Q, P)
+        return out * pred_valid.unsqueeze(-1).to(out.dtype)
+
+    def scatter_pred(self, out: torch.Tensor, pred_ids: torch.Tensor) -> torch.Tensor:
+        """out: (N, Q, P) at pred_ids (N, Q) -> pred (N, L, P) on the token grid, zero at tokens not
+        decoded (visible, outside the brain, padding)."""
+        N, _, P = out.shape
+        pred = out.new_zeros(N, self.config.num_patches, P)
+        return pred.scatter(1, pred_ids.unsqueeze(-1).expand(-1, -1, P), out)
 
     def pred_target(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs: (N, C, T, H, W) -> the frames the decoder predicts, patchified (N, L, u*p*p*C)."""
@@ -421,6 +490,24 @@ class MaskedAutoencoderViT(nn.Module):
         N = mask.shape[0]
         brain = mask[:, None, None].expand(N, cfg.in_chans, cfg.num_frames, *cfg.img_size)
         return self.pred_target(brain.float()) * (~visible).unsqueeze(-1).float()
+
+    def decoded_loss(self, imgs: torch.Tensor, mask: torch.Tensor, out: torch.Tensor, pred_ids: torch.Tensor,
+                     pred_valid: torch.Tensor) -> torch.Tensor:
+        """``forward_loss`` computed on the decoded tokens only (what ``forward`` uses; the weight is
+        zero everywhere else). imgs: (N, C, T, H, W), mask: (N, H, W), out: (N, Q, u*p*p*C) the
+        decoder's output at ``pred_ids`` (N, Q), pred_valid: (N, Q) -> scalar."""
+        cfg = self.config
+        u, C, pp = cfg.t_pred_patch_size, cfg.in_chans, cfg.patch_size ** 2
+        N, Q = pred_ids.shape
+        target = self.patches_at(imgs[:, :, ::cfg.t_pred_stride], pred_ids, u)  # (N, Q, u*p*p*C)
+        # the brain pixels of a token are the same in every frame and channel: cut them once
+        _, h, w = cfg.grid_size
+        brain = self.patches_at(mask[:, None, None].float(), pred_ids % (h * w), 1)  # (N, Q, p*p)
+        brain = brain * pred_valid.unsqueeze(-1)
+        weight = brain.view(N, Q, 1, pp, 1).expand(N, Q, u, pp, C).reshape(N, Q, u * pp * C)
+        err = (out.float() - target.float()).pow(2) * weight
+        per_clip = err.sum(dim=(1, 2)) / weight.sum(dim=(1, 2)).clamp_min(1.0)
+        return per_clip.mean()
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, visible: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
@@ -439,7 +526,8 @@ class MaskedAutoencoderViT(nn.Module):
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
                 mask_ratio: float | None = None, noise: torch.Tensor | None = None):
         """imgs: (N, C, T, H, W), mask: (H, W) | (N, H, W) bool
-        -> loss (scalar), pred (N, L, u*p*p*C), visible (N, L) bool.
+        -> loss (scalar), pred (N, L, u*p*p*C) (decoded at hidden brain tokens, zero elsewhere),
+        visible (N, L) bool.
 
         ``generator`` draws the masking noise (reproducible masks); ``noise`` (from ``draw_noise``)
         overrides it, e.g. to share one draw across DDP ranks.
@@ -447,14 +535,17 @@ class MaskedAutoencoderViT(nn.Module):
         imgs, mask = self.check_inputs(imgs, mask)
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         latent, visible, ids_keep = self.forward_encoder(imgs, mask, ratio, generator, noise)
-        pred = self.forward_decoder(latent, ids_keep)
-        return self.forward_loss(imgs, pred, visible, mask), pred, visible
+        pred_ids, pred_valid = self.hidden_brain_ids(self.brain_patches(mask), visible)
+        out = self.forward_decoder(latent, ids_keep, pred_ids, pred_valid)
+        loss = self.decoded_loss(imgs, mask, out, pred_ids, pred_valid)
+        return loss, self.scatter_pred(out, pred_ids), visible
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
                     mask_ratio: float | None = None) -> dict[str, torch.Tensor]:
         """One masked reconstruction, as images on the predicted frames (T / t_pred_stride of them):
-        dict target, masked_input (0 where hidden), pred, all (N, C, T', H, W), and loss."""
+        dict target, masked_input (0 where hidden), pred (0 at visible tokens: only hidden brain
+        tokens are decoded), all (N, C, T', H, W), and loss."""
         imgs, mask = self.check_inputs(imgs, mask)
         loss, pred, visible = self.forward(imgs, mask, generator, mask_ratio)
         u = self.config.t_pred_patch_size
@@ -502,7 +593,7 @@ class MaskedAutoencoderViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters trained without weight decay: biases, norms, tokens, position embeddings."""
         return {n for n, p in self.named_parameters()
-                if p.ndim <= 1 or "pos_embed" in n or n in ("cls_token", "mask_token")}
+                if p.ndim <= 1 or "pos_embed" in n or n in ("cls_token", "decoder_cls_token", "mask_token")}
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write weights + config to one file (atomic), readable by ``from_pretrained``."""
@@ -561,11 +652,16 @@ def from_pretrained(path: str | os.PathLike, map_location="cpu") -> MaskedAutoen
     return model
 
 
-def forward_flops(cfg: MAEConfig) -> float:
+def forward_flops(cfg: MAEConfig, brain_tokens: int | None = None) -> float:
     """Analytic forward FLOPs of one clip at the config's mask ratio: matmuls (2 per multiply-add)
-    and attention (QK^T and AV); norms and activations are left out. Training ~ 3x this."""
+    and attention (QK^T and AV); norms and activations are left out. Training ~ 3x this.
+
+    brain_tokens: tokens whose patch holds brain (default: all L); the decoder reads 1 + K + Q
+    tokens, Q = brain_tokens - K hidden brain tokens."""
     L = cfg.num_patches
-    K = max(1, int(L * (1 - cfg.mask_ratio)))
+    B = L if brain_tokens is None else int(brain_tokens)
+    K = max(1, min(int(L * (1 - cfg.mask_ratio)), B))
+    Q = B - K
     D, Dd = cfg.embed_dim, cfg.decoder_embed_dim
     patch = cfg.t_patch_size * cfg.patch_size ** 2 * cfg.in_chans
     pred = cfg.t_pred_patch_size * cfg.patch_size ** 2 * cfg.in_chans
@@ -574,7 +670,7 @@ def forward_flops(cfg: MAEConfig) -> float:
         return depth * (2 * n * d * d * (4 + 2 * cfg.mlp_ratio) + 4 * n * n * d)
 
     enc = 2 * K * patch * D + blocks(cfg.depth, K + 1, D)
-    dec = 2 * (K + 1) * D * Dd + blocks(cfg.decoder_depth, L + 1, Dd) + 2 * L * Dd * pred
+    dec = 2 * K * D * Dd + blocks(cfg.decoder_depth, 1 + K + Q, Dd) + 2 * Q * Dd * pred
     return float(enc + dec)
 
 
