@@ -34,7 +34,7 @@ from fmri_bench.config import read_config, warmup_cosine
 from fmri_bench.errors import InputError
 from fmri_bench.grid import downsample
 from fmri_bench.models.mae import (
-    CHECKPOINT_FORMAT, MaskedAutoencoderViT, check_keys, check_values, load_checkpoint, preset_config,
+    CHECKPOINT_FORMAT, MaskedAutoencoderViT, check_format, check_keys, check_values, load_checkpoint, preset_config,
 )
 from fmri_bench.paths import atomic_save
 from fmri_bench.rundir import RunDir, read_metrics, rng_state, set_rng_state
@@ -261,6 +261,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
         ckpt = load_checkpoint(resume_from)
         if not isinstance(ckpt, dict) or not {"train", "state_dict"} <= set(ckpt):
             raise InputError("not a training checkpoint written by pretrain (no training state)", resume_from)
+        check_format(ckpt, resume_from)
         state = ckpt["train"]
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -429,8 +430,9 @@ def pretrained_model(cohort, steps: int = 300, batch_size: int = 8, seed: int = 
 
     cohort = Path(cohort)
     stamp = cohort_fingerprint(cohort)[:10]  # a regenerated cohort gets a new model
+    fmt = CHECKPOINT_FORMAT.rsplit("/", 1)[-1]  # and so does a new checkpoint format
     run = Path(out) if out else (data_dir() / "models"
-                                 / f"{cohort.name}-{stamp}-tiny-s{steps}-b{batch_size}-lr{base_lr:g}-seed{seed}")
+                                 / f"{cohort.name}-{stamp}-tiny{fmt}-s{steps}-b{batch_size}-lr{base_lr:g}-seed{seed}")
     if (run / "model.pt").is_file():
         return run / "model.pt"
     cfg = tiny_config(cohort_shards(cohort, seed=seed), steps=steps, batch_size=batch_size, base_lr=base_lr,

@@ -46,7 +46,7 @@ def test_pretrained_model_is_cached_by_its_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("FMRI_BENCH_DATA", str(tmp_path))
     a = pretrained_model(cohort, steps=2, batch_size=2, base_lr=1e-2)
     stamp = cohort_fingerprint(cohort)[:10]
-    assert a == tmp_path / "models" / f"{cohort.name}-{stamp}-tiny-s2-b2-lr0.01-seed0" / "model.pt" and a.is_file()
+    assert a == tmp_path / "models" / f"{cohort.name}-{stamp}-tiny2-s2-b2-lr0.01-seed0" / "model.pt" and a.is_file()
     stamp = a.stat().st_mtime_ns
     assert pretrained_model(cohort, steps=2, batch_size=2, base_lr=1e-2) == a and a.stat().st_mtime_ns == stamp
     b = pretrained_model(cohort, steps=2, batch_size=2, base_lr=1e-3)

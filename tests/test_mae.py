@@ -406,3 +406,15 @@ def test_decoded_loss_is_the_full_grid_loss(kw):
     full = model.forward_loss(x * masks[:, None, None], pred, visible, masks)
     torch.testing.assert_close(loss, full)
     assert loss.item() > 0.5
+
+
+def test_an_older_checkpoint_format_is_named(tmp_path):
+    from fmri_bench.errors import InputError
+    from fmri_bench.models.mae import from_pretrained, save_checkpoint
+
+    model = MaskedAutoencoderViT(preset_config("mae_vit_tiny", embed_dim=16, num_heads=2, depth=1,
+                                               decoder_embed_dim=16, decoder_num_heads=2, decoder_depth=1))
+    save_checkpoint(tmp_path / "old.pt", {"format": "fmri_bench.mae/1", "config": model.config.to_dict(),
+                                          "state_dict": model.state_dict()})
+    with pytest.raises(InputError, match="older fmri_bench .format 'fmri_bench.mae/1'"):
+        from_pretrained(tmp_path / "old.pt")

@@ -638,6 +638,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu"):
         raise InputError(f"cannot read as a torch checkpoint: {why}", path) from None
 
 
+def check_format(ckpt, path) -> None:
+    """InputError unless ``ckpt`` is a dict in this version's checkpoint format; an older
+    fmri_bench format (format /1: the decoder had no class token of its own) is named as such."""
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("fmri_bench.mae/") and fmt != CHECKPOINT_FORMAT:
+        raise InputError(f"written by an older fmri_bench (format {fmt!r}, this version reads {CHECKPOINT_FORMAT!r}): "
+                         "train it again (pretrain without --resume, into a new --run-dir)", path)
+    if fmt != CHECKPOINT_FORMAT:
+        raise InputError(f"not an fmri_bench MAE checkpoint (expected format {CHECKPOINT_FORMAT!r})", path)
+
+
 def from_pretrained(path: str | os.PathLike, map_location="cpu") -> MaskedAutoencoderViT:
     """Rebuild a ``MaskedAutoencoderViT`` from a file written by ``save_pretrained`` or by training."""
     if os.path.isdir(path):
@@ -645,8 +656,7 @@ def from_pretrained(path: str | os.PathLike, map_location="cpu") -> MaskedAutoen
     if not os.path.isfile(path):
         raise InputError("no such model file", path)
     ckpt = load_checkpoint(path, map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"not an fmri_bench MAE checkpoint (expected format {CHECKPOINT_FORMAT!r})", path)
+    check_format(ckpt, path)
     model = MaskedAutoencoderViT(MAEConfig.from_dict(dict(ckpt["config"]), source=os.fspath(path)))
     model.load_state_dict(ckpt["state_dict"])
     return model
