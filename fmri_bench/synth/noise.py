@@ -2,8 +2,8 @@
 
 In: a :class:`Site` (TR and noise levels), a ``np.random.Generator``, the run length and the
 cohort's smooth noise fields ``(B, V)``.
-Out: series (per run) and maps (per cohort) whose product is the run's noise in percent signal
-change:
+Out: series and maps (both per run: the maps are random mixes of a cohort bank of smooth fields,
+:func:`run_fields`) whose product is the run's noise in percent signal change:
 spatially smooth physiological noise (1/f series on smooth random fields), slow drift (low
 order cosines on smooth fields), occasional motion spikes (single-frame global + smooth
 jumps); thermal (vertex-independent) noise is drawn separately by :func:`thermal`.
@@ -46,6 +46,15 @@ SITES = {
 def smooth_fields(rng: np.random.Generator, n: int, n_vertices: int, n_smooth: int = 20) -> np.ndarray:
     """n random spatially smooth fields, unit RMS -> (n, V) float32."""
     f = smooth(rng.standard_normal((n_vertices, n)).astype(np.float32), n_smooth).T
+    f /= np.sqrt((f**2).mean(1, keepdims=True))
+    return f.astype(np.float32)
+
+
+def run_fields(rng: np.random.Generator, bank: np.ndarray, n: int) -> np.ndarray:
+    """n fields of one run: random Gaussian mixes of the cohort's smooth ``bank`` (B, V), unit
+    RMS -> (n, V) float32. Still smooth (a mix of smooth fields), different in every run."""
+    mix = rng.standard_normal((n, bank.shape[0])).astype(np.float32)
+    f = mix @ bank
     f /= np.sqrt((f**2).mean(1, keepdims=True))
     return f.astype(np.float32)
 
