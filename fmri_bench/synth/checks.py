@@ -32,6 +32,15 @@ def high_pass(series: np.ndarray, tr: float, cutoff_hz: float = 0.01) -> np.ndar
     return y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
 
 
+def regress_global(series: np.ndarray) -> np.ndarray:
+    """Remove the mean over columns (the global signal) from every column by least squares:
+    (T, n) -> (T, n); Finn et al. 2015 regressed the global signal before fingerprinting."""
+    g = series.mean(1, keepdims=True)
+    g = g - g.mean()
+    y = series - series.mean(0)
+    return y - g @ ((g.T @ y) / max(float((g * g).sum()), 1e-12))
+
+
 def fc(series: np.ndarray, fisher: bool = True) -> np.ndarray:
     """series (T, P) -> (P, P) Pearson correlation (Fisher z when ``fisher``; diagonal 0)."""
     c = np.corrcoef(series.T)
@@ -208,19 +217,21 @@ def session_runs(gt: dict, session: str) -> dict[str, list[dict]]:
 
 
 def cohort_fc(root, gt: dict, arrays: dict, run: str, parcels: str = "nodes",
-              cutoff_hz: float | None = 0.01) -> tuple[list[str], np.ndarray]:
+              cutoff_hz: float | None = 0.01, global_signal: bool = False) -> tuple[list[str], np.ndarray]:
     """FC (Fisher z) of every subject's ``run`` -> (subjects, (S, P, P)).
 
     run: a run name ("rfMRI_REST1_LR") or a session ("REST1": Fisher z averaged over its LR and
     RL runs). parcels: "nodes" (K generator nodes) or "mmp" (360). Each run's parcel series is
-    high-passed at ``cutoff_hz`` first (None: only the mean removed), as HCP FC analyses do.
+    high-passed at ``cutoff_hz`` first (None: only the mean removed), as HCP FC analyses do, and
+    with ``global_signal`` the global signal is regressed out.
     """
     subjects, fcs = [], []
     for subject, recs in session_runs(gt, run).items():
         zs = []
         for rec in recs:
             x = load_parcel_run(root, rec, parcels)
-            zs.append(fc(high_pass(x, rec["tr"], cutoff_hz) if cutoff_hz else x))
+            x = high_pass(x, rec["tr"], cutoff_hz) if cutoff_hz else x
+            zs.append(fc(regress_global(x) if global_signal else x))
         fcs.append(np.mean(zs, 0))
         subjects.append(subject)
     return subjects, np.array(fcs)
@@ -229,9 +240,10 @@ def cohort_fc(root, gt: dict, arrays: dict, run: str, parcels: str = "nodes",
 def fingerprint_sessions(root, gt: dict, arrays: dict, parcels: str = "mmp", subjects=None,
                          a: str = "REST1", b: str = "REST2") -> tuple[float, int]:
     """Connectome identification between two rest sessions (each its LR + RL runs) on
-    ``parcels`` -> (accuracy, number of subjects); ``subjects`` limits it to those."""
-    s1, fa = cohort_fc(root, gt, arrays, a, parcels)
-    s2, fb = cohort_fc(root, gt, arrays, b, parcels)
+    ``parcels`` -> (accuracy, number of subjects); ``subjects`` limits it to those. Series are
+    high-passed (0.01 Hz) and the global signal regressed out, as Finn et al. 2015 did."""
+    s1, fa = cohort_fc(root, gt, arrays, a, parcels, global_signal=True)
+    s2, fb = cohort_fc(root, gt, arrays, b, parcels, global_signal=True)
     keep = [s for s in s2 if s in s1 and (subjects is None or s in subjects)]
     fa = fa[[s1.index(s) for s in keep]]
     fb = fb[[s2.index(s) for s in keep]]

@@ -19,6 +19,11 @@ from fmri_bench.synth.maps import smooth
 from fmri_bench.synth.timeseries import colored_noise
 
 
+# Scanner drift lives below ~0.01 Hz (Smith et al. 1999 NeuroImage 9:526, phantom and human
+# drift; hence SPM's 128 s high-pass): its slowest period is at least 2 x 256 s here.
+DRIFT_MIN_S = 256.0
+
+
 @dataclass(frozen=True)
 class Site:
     """Acquisition and noise of one site; amplitudes are SDs in percent of the baseline signal."""
@@ -75,7 +80,9 @@ def noise_series(site: Site, rng: np.random.Generator, n_t: int, n_fields: int) 
     n_phys = n_fields - 4
     # unit-variance series on n_phys fields scaled by 1/sqrt(8): per-vertex SD = site.smooth_noise
     phys = colored_noise(rng, n_phys, n_t, site.tr, alpha=0.7, f_cut=0.5) * (site.smooth_noise / np.sqrt(n_phys / 8))
-    t = (np.arange(n_t) + 0.5) / n_t
+    # drift: the first 3 cosines over max(run, DRIFT_MIN_S), so it stays below ~0.006 Hz in
+    # absolute time (a short run sees the slow start of a drift, not a faster one)
+    t = (np.arange(n_t) + 0.5) * site.tr / max(n_t * site.tr, DRIFT_MIN_S)
     cos = np.stack([np.cos(np.pi * k * t) for k in (1, 2, 3)], 1)
     drift = (cos @ rng.standard_normal((3, 3))) * site.drift / 2
     spikes = np.zeros((n_t, 1), np.float32)

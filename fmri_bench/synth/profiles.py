@@ -58,7 +58,13 @@ class Profile:
 PROFILES = {
     "smoke": Profile("smoke", n_subjects=6, site_b_fraction=0.34, rest_s=30.0,
                      paradigms=("MOTOR",), tasks_per_subject=1, volume_subjects=2),
-    "book": Profile("book", n_subjects=40, rest_s=300.0, paradigms=_BOOK_PARADIGMS,
+    # rest_s: 120 s a run (166 frames at TR 0.72 s; 4 min a session of LR + RL), not HCP's 864 s,
+    # because of bytes: each run exists twice (int16 CIFTI 165 kB/s at site A, flat-map shards
+    # 139 kB/s once the chapters flatten it), so each extra minute of every rest run costs
+    # ~2.3 GB; the task runs that give >= 40 clips per state21 class already take ~7 GB. At 120 s
+    # the book cohort is ~13.5 GB in all and connectome fingerprinting across sessions on MMP-360
+    # is already >= 0.9 for six subjects (tests/test_cohort_targets.py).
+    "book": Profile("book", n_subjects=40, rest_s=120.0, paradigms=_BOOK_PARADIGMS,
                     paradigm_weights=_BOOK_WEIGHTS, tasks_per_subject=2, reps=2, volume_subjects=4),
     "scaling": Profile("scaling", n_subjects=200, rest_s=180.0, tasks_per_subject=2, reps=2,
                        volume_subjects=0, stream=True),
