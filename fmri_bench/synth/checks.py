@@ -287,7 +287,7 @@ def recovery_report(root, gt: dict, arrays: dict, max_task_runs: int = 12) -> di
     std = standardized_traits(pd.DataFrame(traits))
     for e, mask in zip(gt["trait_effects"], arrays["effect_masks"]):
         slope, se = trait_slope((a + b) / 2, std[e["trait"]], mask)
-        name = e.get("name", e["trait"])
+        name = f"{e['trait']}_{e['net_a']}-{e['net_b']}".replace(" ", "")
         out[f"trait_{name}_beta"] = e["beta"]
         out[f"trait_{name}_slope"] = slope
         out[f"trait_{name}_se"] = se

@@ -10,6 +10,8 @@ per-subject true node correlation matrices ``corr (S, K, K)`` over the network n
 where E_k marks the edges between two named Yeo-7 networks, F is shared by siblings and I_s
 is the subject's own, stable-across-sessions part. tanh(z) is then projected to the nearest
 valid correlation matrix (eigenvalues floored), which is the stored ground truth.
+Effect sizes come from published HCP figures (``DEFAULT_EFFECTS``); ``ActivationEffect``s are a
+trait's first-order expression, in the amplitude of task maps (applied in ``generate``).
 """
 
 from __future__ import annotations
