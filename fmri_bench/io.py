@@ -108,13 +108,16 @@ def _as_frames(data, n_columns: int | None, what: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- writers
 
 
-def write_cifti(path, data, tr: float | None = None, kind: str = "dtseries", names=None) -> Path:
+def write_cifti(path, data, tr: float | None = None, kind: str = "dtseries", names=None,
+                dtype=np.float32) -> Path:
     """Write fs_LR 32k cortex data as a CIFTI-2 file (HCP grayordinates, cortex only).
 
     data: (T, 59412) or (59412,) float, CIFTI cortex order (CORTEX_LEFT then CORTEX_RIGHT).
     kind "dtseries": series axis with step ``tr`` seconds (``tr=None`` writes step 0, i.e. an
     unknown TR that readers refuse without an override); kind "dscalar": one named map per row
     (``names`` default ``map0, map1, ...``). Written atomically (temp file, then rename).
+    dtype: float32 (default, as HCP) or int16 (values rounded to integers: half the bytes, for
+    data in scanner units such as the synthetic cohort's; values outside int16 are an error).
     """
     from nibabel import cifti2 as c2
     from nibabel.cifti2 import cifti2_axes as ax
@@ -132,10 +135,11 @@ def write_cifti(path, data, tr: float | None = None, kind: str = "dtseries", nam
     matrix = c2.Cifti2Matrix()
     matrix.append(row.to_mapping(0))
     matrix.append(_fslr_brain_model_map())
-    return save_cifti_matrix(path, data, matrix, "ConnDenseSeries" if kind == "dtseries" else "ConnDenseScalar")
+    return save_cifti_matrix(path, data, matrix, "ConnDenseSeries" if kind == "dtseries" else "ConnDenseScalar",
+                             dtype=dtype)
 
 
-def save_cifti_matrix(path, data, matrix, intent: str) -> Path:
+def save_cifti_matrix(path, data, matrix, intent: str, dtype=np.float32) -> Path:
     """Write (T, n) data under a nibabel ``Cifti2Matrix`` as a CIFTI-2 file, atomically.
 
     What ``Cifti2Image.to_file_map`` writes (a NIfTI-2 file whose extension 32 holds the CIFTI
@@ -148,9 +152,16 @@ def save_cifti_matrix(path, data, matrix, intent: str) -> Path:
     header.set_intent(intent)
     # raw bytes: a Cifti2Extension would parse the XML back and get deep-copied with the header
     header.extensions.append(nib.nifti1.Nifti1Extension(32, c2.Cifti2Header(matrix).to_xml()))
-    block = np.asarray(data, np.float32).reshape((1, 1, 1, 1) + np.shape(data))
+    dtype = np.dtype(dtype)
+    if dtype == np.int16:
+        data = np.rint(data)
+        if data.size and (not np.isfinite(data).all() or data.min() < -32768 or data.max() > 32767):
+            raise ValueError(f"save_cifti_matrix: values {data.min():.0f}..{data.max():.0f} do not fit int16")
+    elif dtype != np.float32:
+        raise ValueError(f"save_cifti_matrix: dtype must be float32 or int16, got {dtype}")
+    block = np.asarray(data, dtype).reshape((1, 1, 1, 1) + np.shape(data))
     header.set_data_shape(block.shape)
-    header.set_data_dtype(np.float32)
+    header.set_data_dtype(dtype)
     img = nib.Nifti2Image(block, None, header)
     return atomic_save(img.to_filename, path)
 

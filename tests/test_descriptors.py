@@ -20,7 +20,8 @@ def cohort():
 
     prof = get_profile("smoke").with_(
         n_subjects=14, rest_s=240.0, rest_sessions=1, tasks_per_subject=0, site_b_fraction=0.0,
-        volume_subjects=0, effects=(TraitEffect(EFFECT["trait"], EFFECT["net_a"], EFFECT["net_b"], EFFECT["beta"]),))
+        volume_subjects=0, directions=("LR",),
+        effects=(TraitEffect(EFFECT["trait"], EFFECT["net_a"], EFFECT["net_b"], EFFECT["beta"]),))
     sy = Synthesizer(prof, seed=3)
     series = []
     for spec in sy.runs:

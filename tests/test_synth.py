@@ -26,19 +26,20 @@ EVERY = np.arange(0, 59412, 8)
 
 
 def _rest_fc(prof, seed=0):
-    """(FC of REST1 (S, K, K), FC of REST2, synthesizer) on a vertex subset."""
+    """(FC of REST1 (S, K, K), FC of REST2, synthesizer) on a vertex subset, high-passed."""
     sy = Synthesizer(prof, seed=seed)
     labels = sy.nodes.labels[EVERY]
     fcs = {}
     for spec in sy.runs:
         x = sy.run_data(spec, vertices=EVERY)
-        fcs.setdefault(spec.name, []).append(checks.fc(checks.parcel_means(x, labels)))
+        fcs.setdefault(spec.name, []).append(checks.fc(checks.high_pass(checks.parcel_means(x, labels), spec.tr)))
     a, b = (np.array(fcs[k]) for k in sorted(fcs))
     return a, b, sy
 
 
+# one direction per session keeps these checks cheap (the book profile has LR and RL)
 REST = PROFILES["smoke"].with_(n_subjects=12, site_b_fraction=0.0, rest_s=100.0, paradigms=("MOTOR",),
-                               tasks_per_subject=0, volume_subjects=0)
+                               tasks_per_subject=0, volume_subjects=0, directions=("LR",))
 
 
 def test_class_map_has_21_classes_over_the_paradigms():
@@ -50,15 +51,17 @@ def test_class_map_has_21_classes_over_the_paradigms():
 
 def test_glm_recovers_condition_maps():
     prof = PROFILES["smoke"].with_(n_subjects=3, site_b_fraction=0.0, tasks_per_subject=1, reps=2,
-                                   paradigms=("MOTOR",), volume_subjects=0, rest_sessions=0)
+                                   paradigms=("MOTOR",), volume_subjects=0, rest_sessions=0, directions=("LR",))
     sy = Synthesizer(prof, seed=3)
     conds = list(PARADIGMS["MOTOR"].conditions)
-    truth = sy.condition_maps[[sy.conditions.index(("MOTOR", c)) for c in conds]][:, EVERY]
-    betas = []
+    idx = [sy.conditions.index(("MOTOR", c)) for c in conds]
+    truth = sy.condition_maps[idx][:, EVERY]
+    betas, single = [], []
     for spec in sy.runs:
         b = checks.glm(sy.run_data(spec, vertices=EVERY), spec.events, spec.tr, conds)
         betas.append(b)
-    single = np.array([checks.spatial_corr(b, truth) for b in betas])  # (S, C)
+        single.append(checks.spatial_corr(b, sy.subject_maps(spec.subject_index)[1][idx][:, EVERY]))
+    single = np.array(single)  # (S, C), each run against its subject's own maps
     group = checks.spatial_corr(np.mean(betas, 0), truth)
     print(f"GLM map r: single-run mean {single.mean():.2f} (min {single.min():.2f}), "
           f"3-subject mean {group.mean():.2f} (min {group.min():.2f})")
@@ -72,9 +75,10 @@ def test_glm_recovers_condition_maps():
 def test_fingerprinting_far_above_chance_and_falls_without_idiosyncrasy():
     a, b, _ = _rest_fc(REST)
     acc = checks.fingerprint_accuracy(checks.upper(a), checks.upper(b))
-    a0, b0, _ = _rest_fc(REST.with_(idio_scale=0.01, family_scale=0.0))
+    # no subject-specific connectome and no subject-specific maps: nothing left to identify by
+    a0, b0, _ = _rest_fc(REST.with_(idio_scale=0.01, family_scale=0.0, shift_mm=0.0, map_gain_sd=0.0))
     acc0 = checks.fingerprint_accuracy(checks.upper(a0), checks.upper(b0))
-    print(f"fingerprinting: {acc:.2f} (idio 0.12) vs {acc0:.2f} (idio 0.01), chance {1 / 12:.2f}")
+    print(f"fingerprinting: {acc:.2f} (idio 0.12) vs {acc0:.2f} (idio 0.01, no deformation), chance {1 / 12:.2f}")
     assert acc >= 0.5  # chance 1/12
     assert acc0 < acc - 0.25
 
@@ -85,7 +89,8 @@ def test_trait_effect_recovered_from_fc(beta):
     prof = REST.with_(n_subjects=20, rest_sessions=1, rest_s=120.0, effects=(effect,))
     sy = Synthesizer(prof, seed=5)
     labels = sy.nodes.labels[EVERY]
-    fcs = np.array([checks.fc(checks.parcel_means(sy.run_data(s, vertices=EVERY), labels)) for s in sy.runs])
+    fcs = np.array([checks.fc(checks.high_pass(checks.parcel_means(sy.run_data(s, vertices=EVERY), labels), s.tr))
+                    for s in sy.runs])
     trait = standardized_traits(sy.cohort.participants)["fluid_iq"]
     slope, se = checks.trait_slope(fcs, trait, sy.cohort.edge_masks[effect_name(effect)])
     print(f"trait beta {beta}: recovered {slope:.3f} +- {se:.3f}")
@@ -113,13 +118,25 @@ def test_files_are_valid_and_readable(tiny_cohort):
     root = summary.out
     gt, arrays = load_ground_truth(root)
     assert gt["seed"] == 7 and gt["profile"] == "smoke" and len(gt["subjects"]) == 3
-    assert gt["generator_version"] and gt["trait_effects"][0]["beta"] == 0.15
+    assert gt["generator_version"] and gt["trait_effects"][0]["beta"] > 0 and gt["trait_effects"][0]["source"]
+    assert {r["run"] for r in gt["runs"]} >= {"rfMRI_REST1_LR", "rfMRI_REST1_RL", "rfMRI_REST2_LR",
+                                              "rfMRI_REST2_RL", "tfMRI_RELATIONAL_LR", "tfMRI_RELATIONAL_RL"}
     assert arrays["corr"].shape == (3, 34, 34)
     assert {r["site"] for r in gt["runs"]} == {"A", "B"}
     run = next(r for r in gt["runs"] if r["kind"] == "task")
     img = nib.load(root / run["path"])
     assert img.shape == (run["n_frames"], 59412)
     assert abs(img.header.get_axis(0).step - run["tr"]) < 1e-6
+    assert img.get_data_dtype() == np.int16  # integer scanner units: half of float32's bytes
+    from fmri_bench.synth.maps import parcellation
+    from fmri_bench.synth.writer import parcels_path
+
+    with np.load(parcels_path(root / run["path"])) as z:  # the parcel copy is the CIFTI's parcel means
+        mmp = z["mmp"]
+    labels, _ = parcellation("mmp")
+    data = np.asarray(img.get_fdata(), np.float32)
+    assert mmp.shape == (run["n_frames"], 360)
+    np.testing.assert_allclose(mmp[:, 7], data[:, labels == 8].mean(1), rtol=1e-5)
     from fmri_bench.io import load_run
 
     loaded = load_run(root / run["path"])

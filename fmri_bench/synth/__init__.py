@@ -10,9 +10,10 @@ optionally the number of subjects and a seed. Out: the files described in
 
 Modules: ``cohort`` (subjects, traits, families, connectome fingerprints), ``timeseries``
 (1/f sources), ``tasks`` (HCP paradigms, events, HRF regressors, the 21 classes), ``maps``
-(source and activation maps on fs_LR 32k), ``noise`` (sites and noise), ``volume`` (MNI152
-runs), ``generate`` (truth -> run data), ``writer`` (files, shards), ``checks`` (analyses
-that show the truth is in the data), ``figures`` (chapter 0 plots). ``ensure_cohort(profile)``
+(source and activation maps on fs_LR 32k), ``deform`` (each subject's smooth deformation of
+those maps), ``noise`` (sites and noise, fresh noise maps every run), ``volume`` (MNI152 runs),
+``generate`` (truth -> run data), ``writer`` (files, shards), ``checks`` (analyses that show the
+truth is in the data), ``figures`` (chapter 0 plots). ``ensure_cohort(profile)``
 simulates a profile once per machine (under ``paths.data_dir()``) and reuses it.
 """
 

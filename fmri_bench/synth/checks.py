@@ -20,6 +20,27 @@ def parcel_means(data: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return data[:, ok] @ onehot
 
 
+def high_pass(series: np.ndarray, tr: float, cutoff_hz: float = 0.01) -> np.ndarray:
+    """Remove the mean and the discrete-cosine drifts below ``cutoff_hz`` from each column of
+    series (T, n) -> (T, n) float64: the standard fMRI high-pass (SPM / nilearn "cosine" drift
+    model, 128 s ~ 0.008 Hz by default there; 0.01 Hz as in the FC literature)."""
+    t = len(series)
+    k = int(np.floor(2 * t * tr * cutoff_hz))  # cosines with period longer than 1 / cutoff
+    n = np.arange(t)
+    x = np.column_stack([np.ones(t)] + [np.cos(np.pi * (n + 0.5) * j / t) for j in range(1, k + 1)])
+    y = np.asarray(series, np.float64)
+    return y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+
+
+def regress_global(series: np.ndarray) -> np.ndarray:
+    """Remove the mean over columns (the global signal) from every column by least squares:
+    (T, n) -> (T, n); Finn et al. 2015 regressed the global signal before fingerprinting."""
+    g = series.mean(1, keepdims=True)
+    g = g - g.mean()
+    y = series - series.mean(0)
+    return y - g @ ((g.T @ y) / max(float((g * g).sum()), 1e-12))
+
+
 def fc(series: np.ndarray, fisher: bool = True) -> np.ndarray:
     """series (T, P) -> (P, P) Pearson correlation (Fisher z when ``fisher``; diagonal 0)."""
     c = np.corrcoef(series.T)
@@ -69,6 +90,51 @@ def fingerprint_accuracy(edges_a: np.ndarray, edges_b: np.ndarray) -> float:
     r = za @ zb.T / za.shape[1]
     idx = np.arange(len(r))
     return float(((r.argmax(1) == idx).mean() + (r.argmax(0) == idx).mean()) / 2)
+
+
+def ev_correlations(data: np.ndarray, events: pd.DataFrame, tr: float, conditions: list[str]) -> np.ndarray:
+    """Pearson r of every vertex's series with each condition's HRF-convolved EV (nilearn SPM
+    HRF), after a 0.01 Hz high-pass of both: data (T, V) -> (len(conditions), V)."""
+    from fmri_bench.synth.tasks import regressors
+
+    x = high_pass(regressors(events, conditions, len(data), tr), tr)
+    y = high_pass(data, tr)
+    x /= np.linalg.norm(x, axis=0, keepdims=True) + 1e-12
+    y /= np.linalg.norm(y, axis=0, keepdims=True) + 1e-12
+    return (x.T @ y).astype(np.float32)
+
+
+def top_fraction_inside(values: np.ndarray, inside: np.ndarray, frac: float = 0.01) -> np.ndarray:
+    """Share of each row's top ``frac`` vertices that lie in ``inside``: values (C, V), inside (V,) bool -> (C,)."""
+    k = max(1, int(round(frac * values.shape[1])))
+    top = np.argpartition(-values, k - 1, axis=1)[:, :k]
+    return inside[top].mean(1)
+
+
+def event_clip_counts(runs, clip_len: int = 16, tr_out: float = 1.0) -> dict[str, int]:
+    """Event-locked clips per state21 class that a run plan yields once flattened to ``tr_out``
+    (as the benchmarks cut them: ``fmri_bench.clips.event_starts``) -> {"PARADIGM_condition": n}.
+
+    runs: ``Synthesizer.runs`` (RunSpec with events) or ground_truth.json run records.
+    """
+    from fmri_bench.clips import event_starts
+    from fmri_bench.preprocess import n_frames_out
+    from fmri_bench.synth.tasks import class_map
+
+    names = {(c["paradigm"], c["condition"]): c["name"] for c in class_map()["classes"]}
+    counts = {n: 0 for n in names.values()}
+    for r in runs:
+        get = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
+        if get("kind") != "task":
+            continue
+        ev = get("events")
+        ev = ev.to_dict("records") if isinstance(ev, pd.DataFrame) else ev
+        n = n_frames_out(get("n_frames"), get("tr"), tr_out)
+        for _, e in event_starts(ev, n, clip_len, tr_out):
+            name = names.get((get("paradigm"), str(e["trial_type"])))
+            if name:
+                counts[name] += 1
+    return counts
 
 
 def trait_slope(fcs: np.ndarray, trait: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
@@ -122,50 +188,118 @@ def load_cifti_run(root, record: dict) -> np.ndarray:
     return load_run(Path(root) / record["path"]).data
 
 
-def cohort_fc(root, gt: dict, arrays: dict, run: str) -> tuple[list[str], np.ndarray]:
-    """Node FC (Fisher z) of every subject's ``run`` (e.g. "rfMRI_REST1_LR") -> (subjects, (S, K, K))."""
-    subjects, fcs = [], []
+def load_parcel_run(root, record: dict, parcels: str = "nodes") -> np.ndarray:
+    """(T, P) parcel series of a run: ``parcels`` "mmp" (Glasser 360) or "nodes" (the generator's
+    network nodes), from the parcel-level copy beside the CIFTI (computed from the CIFTI when the
+    copy is missing)."""
+    from pathlib import Path
+
+    from fmri_bench.synth.writer import parcel_copy, parcels_path
+
+    if parcels not in ("mmp", "nodes"):
+        raise ValueError(f"parcels must be 'mmp' or 'nodes', got {parcels!r}")
+    path = parcels_path(Path(root) / record["path"])
+    if path.is_file():
+        with np.load(path) as z:
+            return z[parcels]
+    return parcel_copy(load_cifti_run(root, record))[parcels]
+
+
+def session_runs(gt: dict, session: str) -> dict[str, list[dict]]:
+    """Run records of a run name ("rfMRI_REST1_LR") or a whole session ("REST1": its LR and RL
+    runs) -> {subject: [records]}."""
+    out: dict[str, list[dict]] = {}
     for rec in gt["runs"]:
-        if rec["run"] == run and rec["path"]:
-            data = load_cifti_run(root, rec)
-            fcs.append(fc(parcel_means(data, arrays["node_labels"].astype(np.int64))))
-            subjects.append(rec["subject"])
+        name = rec["run"]
+        if rec.get("path") and (name == session or name.startswith(f"rfMRI_{session}_")):
+            out.setdefault(rec["subject"], []).append(rec)
+    return out
+
+
+def cohort_fc(root, gt: dict, arrays: dict, run: str, parcels: str = "nodes",
+              cutoff_hz: float | None = 0.01, global_signal: bool = False) -> tuple[list[str], np.ndarray]:
+    """FC (Fisher z) of every subject's ``run`` -> (subjects, (S, P, P)).
+
+    run: a run name ("rfMRI_REST1_LR") or a session ("REST1": Fisher z averaged over its LR and
+    RL runs). parcels: "nodes" (K generator nodes) or "mmp" (360). Each run's parcel series is
+    high-passed at ``cutoff_hz`` first (None: only the mean removed), as HCP FC analyses do, and
+    with ``global_signal`` the global signal is regressed out.
+    """
+    subjects, fcs = [], []
+    for subject, recs in session_runs(gt, run).items():
+        zs = []
+        for rec in recs:
+            x = load_parcel_run(root, rec, parcels)
+            x = high_pass(x, rec["tr"], cutoff_hz) if cutoff_hz else x
+            zs.append(fc(regress_global(x) if global_signal else x))
+        fcs.append(np.mean(zs, 0))
+        subjects.append(subject)
     return subjects, np.array(fcs)
 
 
+def fingerprint_sessions(root, gt: dict, arrays: dict, parcels: str = "mmp", subjects=None,
+                         a: str = "REST1", b: str = "REST2") -> tuple[float, int]:
+    """Connectome identification between two rest sessions (each its LR + RL runs) on
+    ``parcels`` -> (accuracy, number of subjects); ``subjects`` limits it to those. Series are
+    high-passed (0.01 Hz) and the global signal regressed out, as Finn et al. 2015 did."""
+    s1, fa = cohort_fc(root, gt, arrays, a, parcels, global_signal=True)
+    s2, fb = cohort_fc(root, gt, arrays, b, parcels, global_signal=True)
+    keep = [s for s in s2 if s in s1 and (subjects is None or s in subjects)]
+    fa = fa[[s1.index(s) for s in keep]]
+    fb = fb[[s2.index(s) for s in keep]]
+    return fingerprint_accuracy(upper(fa), upper(fb)), len(keep)
+
+
+def subject_condition_maps(gt: dict, arrays: dict, subject: str) -> np.ndarray:
+    """(C, V) float32 condition maps of one subject (group maps under the subject's deformation)."""
+    from fmri_bench.synth.deform import Deformation
+    from fmri_bench.synth.writer import deform_params
+
+    i = list(arrays["subjects"]).index(subject)
+    k = arrays["node_maps"].shape[0]
+    group = np.concatenate([arrays["node_maps"], arrays["condition_maps"]]).astype(np.float32)
+    return Deformation.from_params(deform_params(arrays, i)).apply(group)[k:]
+
+
 def recovery_report(root, gt: dict, arrays: dict, max_task_runs: int = 12) -> dict:
-    """The headline checks on a written cohort: fingerprinting across REST1/REST2, observed vs
-    true FC, trait slopes, GLM map correlation of the task runs, tSNR per site -> flat dict."""
+    """The headline checks on a written cohort: fingerprinting across REST1/REST2 (each session
+    its LR + RL runs; MMP-360 and generator nodes), observed vs true FC, trait slopes, GLM map
+    correlation of the task runs with the subject's own maps, tSNR per site -> flat dict."""
     from fmri_bench.synth.tasks import PARADIGMS
 
     out = {}
-    s1, a = cohort_fc(root, gt, arrays, "rfMRI_REST1_LR")
-    s2, b = cohort_fc(root, gt, arrays, "rfMRI_REST2_LR")
-    order = [s1.index(s) for s in s2]
-    a = a[order]
-    out["n_subjects"] = len(s2)
-    out["fingerprint_acc"] = fingerprint_accuracy(upper(a), upper(b))
-    out["fingerprint_chance"] = 1.0 / len(s2)
+    s1, a = cohort_fc(root, gt, arrays, "REST1")
+    s2, b = cohort_fc(root, gt, arrays, "REST2")
+    keep = [s for s in s2 if s in s1]
+    a, b = a[[s1.index(s) for s in keep]], b[[s2.index(s) for s in keep]]
+    out["n_subjects"] = len(keep)
+    out["fingerprint_acc"], _ = fingerprint_sessions(root, gt, arrays, "mmp")
+    out["fingerprint_acc_nodes"] = fingerprint_accuracy(upper(a), upper(b))
+    out["fingerprint_chance"] = 1.0 / len(keep)
     subj_index = {s: i for i, s in enumerate(arrays["subjects"])}
-    true = arrays["corr"][[subj_index[s] for s in s2]]
+    true = arrays["corr"][[subj_index[s] for s in keep]]
     out["fc_obs_vs_true_r"] = float(np.corrcoef(upper((a + b) / 2).ravel(),
                                                 upper(np.arctanh(np.clip(true, -.999, .999))).ravel())[0, 1])
-    traits = {k: np.array([next(x for x in gt["subjects"] if x["subject"] == s)[k] for s in s2]) for k in
+    traits = {k: np.array([next(x for x in gt["subjects"] if x["subject"] == s)[k] for s in keep]) for k in
               ("sex", "age", "fluid_iq")}
     from fmri_bench.synth.cohort import standardized_traits
 
     std = standardized_traits(pd.DataFrame(traits))
     for e, mask in zip(gt["trait_effects"], arrays["effect_masks"]):
         slope, se = trait_slope((a + b) / 2, std[e["trait"]], mask)
-        out[f"trait_{e['trait']}_beta"] = e["beta"]
-        out[f"trait_{e['trait']}_slope"] = slope
-        out[f"trait_{e['trait']}_se"] = se
+        name = f"{e['trait']}_{e['net_a']}-{e['net_b']}".replace(" ", "")
+        out[f"trait_{name}_beta"] = e["beta"]
+        out[f"trait_{name}_slope"] = slope
+        out[f"trait_{name}_se"] = se
     rs = []
     names = [f"{c['paradigm']}/{c['condition']}" for c in gt["conditions"]]
+    maps: dict[str, np.ndarray] = {}
     for rec in [r for r in gt["runs"] if r["kind"] == "task" and r["path"]][:max_task_runs]:
         conds = list(PARADIGMS[rec["paradigm"]].conditions)
         betas = glm(load_cifti_run(root, rec), pd.DataFrame(rec["events"]), rec["tr"], conds)
-        truth = arrays["condition_maps"][[names.index(f"{rec['paradigm']}/{c}") for c in conds]]
+        if rec["subject"] not in maps:
+            maps = {rec["subject"]: subject_condition_maps(gt, arrays, rec["subject"])}
+        truth = maps[rec["subject"]][[names.index(f"{rec['paradigm']}/{c}") for c in conds]]
         r = spatial_corr(betas.astype(np.float64), truth.astype(np.float64))
         rs.extend(r[np.isfinite(r)].tolist())
     out["glm_map_r_mean"] = float(np.mean(rs)) if rs else float("nan")  # single run, vertex level

@@ -2,14 +2,21 @@
 
 In: a :class:`~fmri_bench.synth.profiles.Profile`, a seed and optionally the number of subjects.
 Out: a :class:`Synthesizer` holding the cohort's ground truth (participants, true node
-correlations, condition maps, per-subject task gains) and the list of runs; ``run_data(spec)``
-makes one run's ``(T, 59412)`` float32 fs_LR cortex data in scanner units (baseline ~10000):
+correlations, group and per-subject maps, per-subject task gains) and the list of runs;
+``run_data(spec)`` makes one run's ``(T, 59412)`` float32 fs_LR cortex data in scanner units
+(baseline ~10000):
 
-    pct(T, V) = [network sources | task regressors | noise series] (T, M) @ maps (M, V) + thermal
+    pct(T, V) = [network sources | task regressors] (T, m) @ subject maps (m, V)
+                + noise series (T, 36) @ run noise maps (36, V) + thermal
     data = baseline (V,) * (1 + pct / 100)
 
-Every run draws from its own ``np.random.SeedSequence((seed, subject, run))``, so a run is the
-same whichever runs are generated before it (streaming, subsets, parallel jobs).
+Subject maps are the group node and condition maps under the subject's smooth deformation
+(:mod:`fmri_bench.synth.deform`), the same in all of that subject's runs; the structured-noise
+maps are drawn afresh for every run (random mixes of a bank of smooth fields).
+
+Every run draws from its own ``np.random.SeedSequence((seed, subject, run))``, and every subject's
+deformation from ``(seed, subject, DEFORM_KEY)``, so a run is the same whichever runs are
+generated before it (streaming, subsets, parallel jobs).
 """
 
 from __future__ import annotations
@@ -20,15 +27,18 @@ import numpy as np
 import pandas as pd
 
 from fmri_bench.synth import maps as smaps
-from fmri_bench.synth.cohort import Cohort, CohortConfig, make_cohort
-from fmri_bench.synth.noise import SITES, Site, noise_maps, noise_series, smooth_fields, thermal
+from fmri_bench.synth.cohort import Cohort, CohortConfig, make_cohort, standardized_traits
+from fmri_bench.synth.deform import Deformation, draw_deformation
+from fmri_bench.synth.noise import SITES, Site, noise_maps, noise_series, run_fields, smooth_fields, thermal
 from fmri_bench.synth.profiles import Profile
 from fmri_bench.synth.tasks import PARADIGMS, all_conditions, make_events, regressors
 from fmri_bench.synth.timeseries import network_sources
 
-GENERATOR_VERSION = "synth-1.0"
+GENERATOR_VERSION = "synth-2.0"
 N_NOISE_FIELDS = 36
+N_NOISE_BANK = 72  # smooth fields that every run's 36 noise maps are random mixes of
 BASELINE = 10000.0
+DEFORM_KEY = 11  # SeedSequence entry of the subject deformations
 
 
 @dataclass
@@ -52,6 +62,32 @@ class RunSpec:
         return self.subject_index, self.run_index
 
 
+def assign_paradigms(n_subjects: int, paradigms: tuple[str, ...], per_subject: int,
+                     weights: tuple[float, ...] | None = None) -> list[list[str]]:
+    """Which paradigms each subject performs: ``per_subject`` distinct ones, spread over the
+    cohort in proportion to ``weights`` (default: equal), deterministically.
+
+    Each slot goes to the paradigm furthest below its share so far (ties: ``paradigms`` order).
+    """
+    k = min(per_subject, len(paradigms))
+    w = np.ones(len(paradigms)) if weights is None else np.asarray(weights, float)
+    if len(w) != len(paradigms) or (w < 0).any() or (k and w.sum() <= 0):
+        raise ValueError(f"paradigm weights {weights} do not fit paradigms {paradigms}")
+    share, count, done, out = w / max(w.sum(), 1e-12), np.zeros(len(paradigms)), 0, []
+    for _ in range(n_subjects):
+        mine: list[int] = []
+        for _ in range(k):
+            done += 1
+            deficit = share * done - count
+            deficit[mine] = -np.inf
+            deficit[w == 0] = -np.inf
+            j = int(np.argmax(deficit))
+            mine.append(j)
+            count[j] += 1
+        out.append([paradigms[j] for j in mine])
+    return out
+
+
 @dataclass
 class Synthesizer:
     profile: Profile
@@ -73,24 +109,41 @@ class Synthesizer:
         self.node_maps = smaps.node_maps()
         self.conditions = all_conditions()
         self.condition_maps = smaps.condition_maps(self.conditions)
-        self.noise_maps = noise_maps(smooth_fields(rng, N_NOISE_FIELDS, smaps.N_CORTEX))
-        self.gains = np.clip(rng.normal(1.0, p.gain_sd, (n, len(self.conditions))), 0.3, None)
+        self.noise_bank = smooth_fields(rng, N_NOISE_BANK, smaps.N_CORTEX)
+        self.gains = self._task_gains(rng, n)
         base_fields = smooth_fields(rng, 1, smaps.N_CORTEX, n_smooth=40)[0]
         self.baseline = (BASELINE * (1 + 0.1 * base_fields)).astype(np.float32)
-        self.runs = self._plan_runs(rng)
+        n_maps = self.node_maps.shape[0] + self.condition_maps.shape[0]
+        self.deformations = [
+            draw_deformation(np.random.default_rng(np.random.SeedSequence((self.seed, s, DEFORM_KEY))), n_maps,
+                             shift_mm=p.shift_mm, gain_sd=p.map_gain_sd) for s in range(n)]
+        self._maps_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.runs = self._plan_runs()
+
+    def _task_gains(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """(S, C) amplitude of each condition per subject: 1 + gain_sd * N(0, 1) + trait effects."""
+        p = self.profile
+        gains = rng.normal(1.0, p.gain_sd, (n, len(self.conditions)))
+        traits = standardized_traits(self.cohort.participants)
+        for e in p.activation_effects:
+            t = 2.0 * traits[e.trait] if e.trait == "sex" else traits[e.trait]  # population SD 1
+            cols = [i for i, (par, c) in enumerate(self.conditions) if par == e.paradigm and c.startswith(e.condition)]
+            if not cols:
+                raise ValueError(f"activation effect {e}: no condition {e.paradigm}/{e.condition}*")
+            gains[:, cols] += (e.r * p.gain_sd / np.sqrt(1 - e.r**2)) * t[:, None]
+        return np.clip(gains, 0.3, None)
 
     # ------------------------------------------------------------------ plan
-    def _plan_runs(self, rng: np.random.Generator) -> list[RunSpec]:
+    def _plan_runs(self) -> list[RunSpec]:
         p, df = self.profile, self.cohort.participants
         runs = []
         vol_subjects = set(np.flatnonzero(df.site.to_numpy() == "B")[:p.volume_subjects].tolist())
+        tasks = assign_paradigms(len(df), p.paradigms, p.tasks_per_subject, p.paradigm_weights)
         for s, row in enumerate(df.itertuples()):
             site = SITES[row.site]
-            names = [(f"rfMRI_REST{i + 1}_LR", "rest", None) for i in range(p.rest_sessions)]
-            k = len(p.paradigms)
-            for j in range(min(p.tasks_per_subject, k)):
-                par = p.paradigms[(s * p.tasks_per_subject + j) % k]
-                names.append((f"tfMRI_{par}_LR", "task", par))
+            names = [(f"rfMRI_REST{i + 1}_{d}", "rest", None) for i in range(p.rest_sessions) for d in p.directions]
+            names += [(f"tfMRI_{par}_{d}", "task", par) for par in tasks[s] for d in p.directions]
+            first_task = next((r for r, x in enumerate(names) if x[1] == "task"), None)
             for r, (name, kind, par) in enumerate(names):
                 ev_rng = np.random.default_rng(np.random.SeedSequence((self.seed, s, r, 7)))
                 if kind == "rest":
@@ -99,26 +152,37 @@ class Synthesizer:
                     events, dur = make_events(par, p.reps, ev_rng)
                 runs.append(RunSpec(s, row.subject, name, kind, par, row.site, site.tr,
                                     int(np.floor(dur / site.tr)), events, r,
-                                    volume=s in vol_subjects and r in (0, p.rest_sessions)))
+                                    volume=s in vol_subjects and r in (0, first_task)))
         return runs
 
     # ------------------------------------------------------------------ data
     def site(self, spec: RunSpec) -> Site:
         return SITES[spec.site]
 
+    def subject_maps(self, subject_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(node maps (K, V), condition maps (C, V)) float32 of one subject (deformed group maps)."""
+        if subject_index not in self._maps_cache:
+            if len(self._maps_cache) >= 2:  # runs come subject by subject: keep the last two
+                self._maps_cache.pop(next(iter(self._maps_cache)))
+            k = self.node_maps.shape[0]
+            both = self.deformations[subject_index].apply(np.concatenate([self.node_maps, self.condition_maps]))
+            self._maps_cache[subject_index] = (both[:k], both[k:])
+        return self._maps_cache[subject_index]
+
     def run_components(self, spec: RunSpec, rng: np.random.Generator):
         """Signal parts of one run -> dict of (series (T, m), maps (m, V)) in percent signal change."""
         site, n_t = self.site(spec), spec.n_frames
         corr = self.cohort.corr[spec.subject_index]
-        parts = {"network": (network_sources(rng, corr, n_t, site.tr) * site.network_amp,
-                             self.node_maps)}
+        node_maps, condition_maps = self.subject_maps(spec.subject_index)
+        parts = {"network": (network_sources(rng, corr, n_t, site.tr) * site.network_amp, node_maps)}
         if spec.kind == "task":
             conds = [c for c in PARADIGMS[spec.paradigm].conditions]
             idx = [self.conditions.index((spec.paradigm, c)) for c in conds]
             x = regressors(spec.events, conds, n_t, site.tr)
             amp = site.task_amp * self.gains[spec.subject_index, idx]
-            parts["task"] = (x * amp[None].astype(np.float32), self.condition_maps[idx])
-        parts["noise"] = (noise_series(site, rng, n_t, N_NOISE_FIELDS), self.noise_maps)
+            parts["task"] = (x * amp[None].astype(np.float32), condition_maps[idx])
+        maps = noise_maps(run_fields(rng, self.noise_bank, N_NOISE_FIELDS))
+        parts["noise"] = (noise_series(site, rng, n_t, N_NOISE_FIELDS), maps)
         return parts
 
     def run_data(self, spec: RunSpec, return_signal: bool = False, vertices: np.ndarray | None = None):

