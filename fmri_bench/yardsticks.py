@@ -58,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,8 +145,7 @@ class Scorer:
 def visible_mask(model, imgs: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The tokens the encoder sees for this noise: imgs (N, C, T, H, W), mask (N, H, W), noise from
     ``draw_noise`` -> visible (N, L) bool (``random_masking`` at the model's mask ratio)."""
-    patches = model.patchify(imgs)
-    return model.random_masking(patches, model.config.mask_ratio, model.brain_patches(mask), noise=noise)[1]
+    return model.random_masking(model.brain_patches(mask), model.config.mask_ratio, noise=noise)[0]
 
 
 def visible_pixels(model, visible: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -344,10 +344,15 @@ class CohortOracle:
             from fmri_bench.io import Run
             from fmri_bench.preprocess import preprocess_run, resample_tr
 
-            if key not in self.specs:
+            # flatten's keys are the readable sample key + "_" + 10 hex digits of the input's path id
+            base = re.sub(r"_[0-9a-f]{10}$", "", key)
+            spec = self.specs.get(key) or self.specs.get(base)
+            if spec is None:
                 raise InputError(f"run {key!r} is not a run of this cohort", self.cohort)
-            spec, sy = self.specs[key], self.synth
+            sy = self.synth
             data, signal = sy.run_data(spec, return_signal=True)
+            if not sy.profile.stream:
+                data = np.rint(data)  # the CIFTI holds int16 scanner units (synth.writer)
             # the parts again, from the generator the run was drawn with (run_data's first draws)
             parts = sy.run_components(spec, np.random.default_rng(np.random.SeedSequence((sy.seed,) + spec.seed_key)))
             clean = sum(x @ m for name, (x, m) in parts.items() if name != "noise")
