@@ -135,6 +135,11 @@ def run_key(item, out: str | os.PathLike) -> str:
     return f"{sample_key(path)}_{_path_id(path, out)}"
 
 
+def readable_key(key: str) -> str:
+    """The ``sample_key`` part of a ``run_key`` (the path id suffix removed); other keys unchanged."""
+    return re.sub(r"_[0-9a-f]{10}$", "", key)
+
+
 def run_keys(items: list, out: str | os.PathLike) -> list[str]:
     """``run_key`` of each input (distinct inputs whose keys collide are an InputError)."""
     keys, seen = [], {}

@@ -294,7 +294,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and dd.main), desc="pretrain",
                dynamic_ncols=True)
     window_loss, window_n, t0, clips_s = torch.zeros((), device=device), 0, time.perf_counter(), float("nan")
-    stopped = any(r.get("early_stop") for r in history)
+    stopped = bool(dd.broadcast(any(r.get("early_stop") for r in history)))  # history lives on rank 0
     model.train()
     while step < cfg.steps and not stopped:
         # one update

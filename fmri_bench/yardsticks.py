@@ -58,7 +58,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -344,9 +343,9 @@ class CohortOracle:
             from fmri_bench.io import Run
             from fmri_bench.preprocess import preprocess_run, resample_tr
 
-            # flatten's keys are the readable sample key + "_" + 10 hex digits of the input's path id
-            base = re.sub(r"_[0-9a-f]{10}$", "", key)
-            spec = self.specs.get(key) or self.specs.get(base)
+            from fmri_bench.convert import readable_key
+
+            spec = self.specs.get(key) or self.specs.get(readable_key(key))
             if spec is None:
                 raise InputError(f"run {key!r} is not a run of this cohort", self.cohort)
             sy = self.synth

@@ -107,12 +107,16 @@ def test_quantile_bins_fit_on_train_only(rng):
         quantile_bins([1.0, 2.0], 3)
 
 
-def test_trait_logistic_recovers_planted_trait(rng):
-    n_sub, clips = 40, 3
+def planted_age(rng, n_sub=40, clips=3):
+    """Clips of n_sub subjects (siblings in pairs) whose first feature carries their age."""
     subjects = np.repeat(np.arange(n_sub), clips)
-    families = subjects // 2
     age = np.repeat(rng.uniform(20, 40, n_sub), clips)
     x = np.c_[age / 10 + rng.normal(scale=0.2, size=len(age)), rng.normal(size=(len(age), 5))]
+    return x, age, subjects, subjects // 2
+
+
+def test_trait_logistic_recovers_planted_trait(rng):
+    x, age, subjects, families = planted_age(rng)
     res = trait_logistic(x, age, subjects, families, q=2, n_splits=4, n_folds=3, n_Cs=4)
     assert res.n_classes == 2 and res.chance == 0.5
     assert res.mean > 0.85 and res.ci_low <= res.mean <= res.ci_high
@@ -124,10 +128,7 @@ def test_trait_logistic_recovers_planted_trait(rng):
 
 def test_trait_logistic_tests_only_families_pretraining_never_saw(rng):
     n_sub, clips = 40, 3
-    subjects = np.repeat(np.arange(n_sub), clips)
-    families = subjects // 2
-    age = np.repeat(rng.uniform(20, 40, n_sub), clips)
-    x = np.c_[age / 10 + rng.normal(scale=0.2, size=len(age)), rng.normal(size=(len(age), 5))]
+    x, age, subjects, families = planted_age(rng, n_sub, clips)
     seen = set(range(36))  # families 0..17 seen, 18 and 19 (subjects 36..39) never
     res = trait_logistic(x, age, subjects, families, q=2, n_splits=3, n_folds=3, n_Cs=3, exclude=seen)
     assert res.n_test == 4 * clips  # the two unseen families, every split

@@ -155,6 +155,18 @@ def cohort_fingerprint(cohort_dir: str | os.PathLike) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _cifti_runs(cohort_dir: Path) -> list[dict]:
+    """The run records of a simulated cohort's ground_truth.json that have a CIFTI file."""
+    path = cohort_dir / "ground_truth.json"
+    if not path.is_file():
+        raise InputError("no ground_truth.json here: not a simulated cohort (run fmri-bench simulate)", cohort_dir)
+    runs = [r for r in json.loads(path.read_text())["runs"] if r.get("path")]
+    if not runs:
+        raise InputError("the cohort has no CIFTI runs (a streamed profile? its shards are already flat maps)",
+                         cohort_dir)
+    return runs
+
+
 def pretraining_split(cohort_dir: str | os.PathLike, val_frac: float = 0.25, seed: int = 0) -> dict[str, str]:
     """subject -> "train" | "val" | "val_ood" for pretraining on a simulated cohort.
 
@@ -163,14 +175,9 @@ def pretraining_split(cohort_dir: str | os.PathLike, val_frac: float = 0.25, see
     cohort's participants.tsv; without one each subject is its own family); every other site
     is ``val_ood``.
     """
-    from fmri_bench.synth import load_ground_truth
 
     cohort_dir = Path(cohort_dir)
-    gt, _ = load_ground_truth(cohort_dir)
-    runs = [r for r in gt["runs"] if r.get("path")]
-    if not runs:
-        raise InputError("the cohort has no CIFTI runs (a streamed profile? its shards are already flat maps)",
-                         cohort_dir)
+    runs = _cifti_runs(cohort_dir)
     site_of = {r["subject"]: r["site"] for r in runs}
     family = {s: s for s in site_of}
     tsv = cohort_dir / "participants.tsv"
@@ -199,13 +206,11 @@ def cohort_shards(cohort_dir: str | os.PathLike, out: str | os.PathLike | None =
     """
     from fmri_bench.convert import flatten
     from fmri_bench.paths import data_dir
-    from fmri_bench.synth import load_ground_truth
 
     cohort_dir = Path(cohort_dir)
     out = Path(out) if out is not None else data_dir() / "pretrain_shards" / cohort_dir.name
     split_of = pretraining_split(cohort_dir, val_frac, seed)
-    gt, _ = load_ground_truth(cohort_dir)
-    runs = [r for r in gt["runs"] if r.get("path")]
+    runs = _cifti_runs(cohort_dir)
     stamp = cohort_fingerprint(cohort_dir)
     dirs = {}
     for split in ("train", "val", "val_ood"):

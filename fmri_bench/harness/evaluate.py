@@ -128,21 +128,23 @@ def _identify_accuracy(x: np.ndarray, subjects: np.ndarray, sessions: np.ndarray
     return float(hits.mean()), hits
 
 
+def _runs_of(clips: Clips) -> tuple[np.ndarray, np.ndarray]:
+    """(run index of each clip (N,), index of each run's first clip (R,)), runs in key order."""
+    keys, inv = np.unique(clips.run_keys, return_inverse=True)
+    return inv, np.asarray([np.flatnonzero(inv == i)[0] for i in range(len(keys))])
+
+
 def _run_level(clips: Clips, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean feature per run -> (X (R, D), index of each run's first clip (R,))."""
-    keys, inv = np.unique(clips.run_keys, return_inverse=True)
-    X = np.stack([x[inv == i].mean(0) for i in range(len(keys))])
-    first = np.asarray([np.flatnonzero(inv == i)[0] for i in range(len(keys))])
-    return X, first
+    inv, first = _runs_of(clips)
+    return np.stack([x[inv == i].mean(0) for i in range(len(first))]), first
 
 
 def _run_connectomes(clips: Clips, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The connectome of each whole run from its clips' parcel series (N, T, P)
     -> (X (R, P*(P-1)/2), index of each run's first clip (R,))."""
-    keys, inv = np.unique(clips.run_keys, return_inverse=True)
-    runs = [np.concatenate(list(series[inv == i])) for i in range(len(keys))]
-    first = np.asarray([np.flatnonzero(inv == i)[0] for i in range(len(keys))])
-    return np.concatenate([connectome(r[None]) for r in runs]), first
+    inv, first = _runs_of(clips)
+    return np.concatenate([connectome(np.concatenate(list(series[inv == i]))[None]) for i in range(len(first))]), first
 
 
 def _identify_record(name, X, subjects, sessions, n_boot, seed, notes=""):
