@@ -414,10 +414,15 @@ def paper_budget(model: str = "mae_vit_base", steps: int = 625_000, batch_size: 
 
 
 def pretrained_model(cohort, steps: int = 300, batch_size: int = 8, seed: int = 0,
-                     out=None, base_lr: float = 1e-2) -> Path:
+                     out=None, base_lr: float = 1e-2, **operational) -> Path:
     """The tiny MAE pretrained on a cohort's training subjects (``harness.cohort_shards``),
     trained once per (cohort and its fingerprint, steps, batch, base_lr, seed) and cached under
-    ``paths.data_dir() / "models"``; resumes an interrupted run. -> path of ``model.pt``.
+    ``paths.data_dir() / "models"``; resumes an interrupted run. -> path of ``model.pt``; its run
+    directory (``config.yaml``, ``metrics.jsonl``, figures) is the file's folder.
+
+    ``operational``: ``OPERATIONAL_KEYS`` settings (figures, eval_every, ...) for the run when it is
+    trained here; they do not change the weights, so they are not part of the cache key (a cached
+    model is returned whatever they are). Every run evaluates on 4 validation batches.
 
     base_lr 1e-2 (lr = base_lr x batch / 256 = 3.1e-4 at batch 8). Upstream's ViT-B runs base_lr
     1e-3 at batch 32 (lr 1.25e-4, MedARC-AI/fmri-fm flat_mae defaults); the same rule at batch 8
@@ -436,6 +441,6 @@ def pretrained_model(cohort, steps: int = 300, batch_size: int = 8, seed: int = 
     if (run / "model.pt").is_file():
         return run / "model.pt"
     cfg = tiny_config(cohort_shards(cohort, seed=seed), steps=steps, batch_size=batch_size, base_lr=base_lr,
-                      seed=seed, figures=False)
+                      seed=seed, val_batches=4, **{"figures": False, **operational})
     train(cfg, run, resume=True)
     return run / "model.pt"
