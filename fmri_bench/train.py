@@ -370,8 +370,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
 def tiny_config(shards: dict, steps: int, batch_size: int = 8, base_lr: float = 1e-2, seed: int = 0,
                 val_batches: int = 2, **operational) -> TrainConfig:
     """The tiny MAE on a cohort's ``{"train", "val", "val_ood"}`` shards (``harness.cohort_shards``),
-    pooled 2 x 2 to 112 x 280, warm-up over the first 10 % of the steps. base_lr 1e-2: see
-    ``pretrained_model`` (upstream's base_lr 1e-3 is for its ViT-B at batch 32). ``operational``: any of
+    pooled 2 x 2 to 112 x 280, warm-up over the first 10 % of the steps. On the learning rate see
+    ``pretrained_model``. ``operational``: any of
     ``OPERATIONAL_KEYS`` (how the run is observed; defaults: log 20, evaluate and checkpoint 5
     times, no progress bar)."""
     bad = sorted(set(operational) - set(OPERATIONAL_KEYS))
@@ -424,11 +424,11 @@ def pretrained_model(cohort, steps: int = 300, batch_size: int = 8, seed: int = 
     trained here; they do not change the weights, so they are not part of the cache key (a cached
     model is returned whatever they are). Every run evaluates on 4 validation batches.
 
-    base_lr 1e-2 (lr = base_lr x batch / 256 = 3.1e-4 at batch 8). Upstream's ViT-B runs base_lr
-    1e-3 at batch 32 (lr 1.25e-4, MedARC-AI/fmri-fm flat_mae defaults); the same rule at batch 8
-    gives 3.1e-5. Measured on the synthetic book cohort (3000 steps at batch 8, the earlier
-    all-token decoder): validation loss 0.668 with base_lr 1e-2, 0.739 with 1e-3, which barely
-    leaves the predict-zero plateau. The sweep behind the choice: configs/pretrain_tiny_cpu.yaml.
+    The book trains it at batch 16, base_lr 1.6e-2 (lr = base_lr x batch / 256 = 1e-3), 2000
+    steps. Upstream's ViT-B runs base_lr 1e-3 at batch 32 (lr 1.25e-4, MedARC-AI/fmri-fm
+    flat_mae defaults) for 625k steps. The default base_lr 1e-2 here is for short test runs. The
+    sweep behind lr 1e-3 (the tiny model leaves the predict-zero plateau only after ~500-750
+    steps, 3e-3 later): configs/pretrain_tiny_cpu.yaml and benchmarks/sweep_mae.py.
     """
     from fmri_bench.harness.datasets import cohort_fingerprint, cohort_shards
     from fmri_bench.paths import data_dir

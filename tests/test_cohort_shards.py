@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fmri_bench.errors import InputError
 from fmri_bench.harness import cohort_shards, scan_runs
 from fmri_bench.harness.datasets import cohort_fingerprint, pretraining_split, pretraining_subjects
 from fmri_bench.synth import ensure_cohort, load_ground_truth
@@ -49,6 +50,11 @@ def test_pretrained_model_is_cached_by_its_settings(tmp_path, monkeypatch):
     assert a == tmp_path / "models" / f"{cohort.name}-{stamp}-tiny2-s2-b2-lr0.01-seed0" / "model.pt" and a.is_file()
     stamp = a.stat().st_mtime_ns
     assert pretrained_model(cohort, steps=2, batch_size=2, base_lr=1e-2) == a and a.stat().st_mtime_ns == stamp
+    # how a run is observed is not part of the key: a chapter asking for figures gets the cached model
+    assert pretrained_model(cohort, steps=2, batch_size=2, base_lr=1e-2, figures=True, eval_every=1) == a
+    assert a.stat().st_mtime_ns == stamp
+    with pytest.raises(InputError, match="not operational"):
+        pretrained_model(cohort, steps=3, batch_size=2, base_lr=1e-2, mask_ratio=0.5)
     b = pretrained_model(cohort, steps=2, batch_size=2, base_lr=1e-3)
     assert b != a and b.parent.name.endswith("lr0.001-seed0") and b.is_file()
 
