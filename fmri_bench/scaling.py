@@ -382,6 +382,16 @@ class SweepResult:
                          for w, d in self.fits.items()}}
 
 
+def sweep_pool(shards: dict, unit: str = "subjects") -> list[str]:
+    """What a sweep draws its subsets from: the subjects (or run keys) of ``shards["train"]``, sorted."""
+    from fmri_bench.harness.datasets import scan_runs
+
+    if unit not in ("subjects", "runs"):
+        raise InputError(f"unit must be 'subjects' or 'runs', got {unit!r}")
+    runs = scan_runs(shards["train"])
+    return sorted({r.subject for r in runs}) if unit == "subjects" else sorted(r.key for r in runs)
+
+
 def sweep_subsets(pool: list[str], sizes, repeats: int, seed: int = 0) -> dict[tuple[int, int], list[str]]:
     """(size, repeat) -> items. Repeats of a size are disjoint while the pool allows
     (size x repeats <= pool), otherwise independent random draws."""
@@ -447,7 +457,7 @@ def run_sweep(sizes, shards: dict, out_dir, repeats: int = 1, unit: str = "subje
         raise InputError(f"unit must be 'subjects' or 'runs', got {unit!r}")
     out_dir = Path(out_dir)
     runs = scan_runs(shards["train"])
-    pool = sorted({r.subject for r in runs}) if unit == "subjects" else [r.key for r in runs]
+    pool = sweep_pool(shards, unit)
     subsets = sweep_subsets(pool, sizes, repeats, seed)
     frames_of = {r.key: r.n_frames for r in runs}
     base = {"model": "mae_vit_tiny", "progress": False, "figures": False, **(train_overrides or {})}
