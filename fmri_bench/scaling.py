@@ -327,9 +327,17 @@ class SweepResult:
         own subset) moves over the same sizes."""
         learned = self.learned(which)
         where = "same site" if which == "val" else "second site"
+        pca_part = None
+        pcas = {k: v for k, v in self.yardstick_arrays(which).items() if k.startswith("PCA-")}
+        if pcas:
+            name = max(pcas, key=lambda k: int(k.split("-")[1]))
+            n, loss = pcas[name]
+            small, large = loss[n == n.min()].mean(), loss[n == n.max()].mean()
+            pca_part = f"{name} on the same subsets goes from {small:.3f} to {large:.3f}"
         if learned is not None and not any(learned):
+            data = (f" The data do reward size for a simple model: {pca_part}." if pca_part else "")
             return (f"{where}: no point's best loss is below predicting zero's 95 % CI, so at this budget the sweep "
-                    "measures optimisation, not data; no law is fitted (synthetic cohort).")
+                    f"measures optimisation, not data; no law is fitted.{data} (synthetic cohort)")
         parts = []
         if learned is not None:
             parts.append(f"{sum(learned)} of {len(learned)} points beat predicting zero")
@@ -338,12 +346,8 @@ class SweepResult:
             lo, hi = fit.ci["b"]
             trend = "falls" if hi < 0 else "rises" if lo > 0 else "shows no trend its 95 % CI can tell from flat"
             parts.append(f"the loss {trend} with data (b = {fit.exponent:.4f}, CI [{lo:.4f}, {hi:.4f}])")
-        pcas = {k: v for k, v in self.yardstick_arrays(which).items() if k.startswith("PCA-")}
-        if pcas:
-            name = max(pcas, key=lambda k: int(k.split("-")[1]))
-            n, loss = pcas[name]
-            small, large = loss[n == n.min()].mean(), loss[n == n.max()].mean()
-            parts.append(f"{name} on the same subsets goes from {small:.3f} to {large:.3f}")
+        if pca_part:
+            parts.append(pca_part)
         return f"{where}: " + "; ".join(parts) + " (synthetic cohort)." if parts else f"{where}: nothing to read."
 
     def yardstick_arrays(self, which: str = "val") -> dict[str, tuple[np.ndarray, np.ndarray]]:
