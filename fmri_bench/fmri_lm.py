@@ -203,7 +203,7 @@ def build_layout(tok, targets: list[str], n_parcels: int = 0, n_time: int = 0, p
 def block_causal_mask(block: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """block, valid (B, L) -> allowed (B, 1, L, L) bool: query i may see key j iff j is a real
     token whose block is not later than i's. A padded query sees only itself (no empty rows)."""
-    allowed = (block[:, None, :] <= block[:, :, None]) & valid[:, None, :]
+    allowed = (block[:, None, :] <= block[:, :, None]) & valid[:, None, :] & valid[:, :, None]
     eye = torch.eye(block.shape[1], dtype=torch.bool, device=block.device)
     allowed = allowed | (eye & ~valid[:, :, None])
     return allowed[:, None]
@@ -266,6 +266,8 @@ class FmriLM(nn.Module):
         self.marker_ids = (self.tokenizer.convert_tokens_to_ids(FMRI_START),
                            self.tokenizer.convert_tokens_to_ids(FMRI_END))
         hf = llm.model
+        if any("lora_" in n for n, _ in hf.named_modules()):
+            raise InputError("this LLM already carries a LoRA adapter (one FmriLM per loaded LLM): load it afresh")
         self.llm_fingerprint = llm_fingerprint(hf)
         for p in hf.parameters():
             p.requires_grad_(cfg.finetune == "full")
