@@ -231,3 +231,29 @@ def test_marker_in_text_is_refused():
     m = tiny_model()
     with pytest.raises(InputError, match="fMRI marker"):
         build_layout(m.tokenizer, ["the <fmri> scan"], R, NT)
+
+
+@pytest.mark.parametrize("name", ["lm_tiny_cpu.yaml", "lm_paper.yaml"])
+def test_example_configs_load(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+    mc = fmri_lm_config(cfg.preset, **cfg.model_overrides)
+    assert (mc.finetune, mc.lora_r, mc.lora_alpha) == ("lora", 8, 16)  # the paper's LoRA
+    if name == "lm_tiny_cpu.yaml":  # 160 fMRI positions: 40 parcels x 4 time patches
+        t = cfg.tokenizer_overrides
+        assert t["n_parcels"] * t["n_frames"] // t["patch_len"] == 160
+    else:
+        assert mc.n_codes == 8192 and mc.feat_dim == 384 and not cfg.data.synthetic
+
+
+def test_cli_align_trains_a_saved_llm(tmp_path, capsys, one_thread):
+    llm = tiny_llm()
+    llm.model.save_pretrained(tmp_path / "llm")
+    llm.tokenizer.save_pretrained(tmp_path / "llm")
+    cfg = _cfg(tmp_path, steps=2)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    rc = cli.main(["lm", "align", "--config", str(path), "--run-dir", str(tmp_path / "run"), "--llm", str(tmp_path / "llm")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "step 2" in out and (tmp_path / "run" / "fmri_lm.pt").is_file()
