@@ -164,7 +164,8 @@ def build_layout(tok, targets: list[str], n_parcels: int = 0, n_time: int = 0, p
     """Token layout of ``[<fmri> fMRI </fmri>] prompt target [eos]`` per sample -> Layout.
 
     n_time = 0: no fMRI block (plain text, T2T). The target (and EOS) is what the loss reads;
-    the prompt is context only. Prompt and target are each cut at ``max_text_tokens`` tokens.
+    the prompt is context only. Each is cut to ``max_text_tokens`` tokens: a target loses its
+    end, a prompt its beginning (the question and ``### Answer:`` sit at its end).
     """
     prompts = prompts if prompts is not None else [""] * len(targets)
     if len(prompts) != len(targets):
@@ -180,7 +181,7 @@ def build_layout(tok, targets: list[str], n_parcels: int = 0, n_time: int = 0, p
                 ids += [pad] * n_parcels; kind += [FMRI] * n_parcels; block += [b] * n_parcels; labels += [-100] * n_parcels
                 b += 1
             ids.append(end); kind.append(MARKER); block.append(b); labels.append(-100); b += 1
-        p = tok(prompt, add_special_tokens=False)["input_ids"][:max_text_tokens] if prompt else []
+        p = tok(prompt, add_special_tokens=False)["input_ids"][-max_text_tokens:] if prompt else []
         t = tok(target, add_special_tokens=False)["input_ids"][:max_text_tokens]
         if start in p + t or end in p + t:
             raise InputError(f"text contains the fMRI marker {FMRI_START!r} or {FMRI_END!r}: {(prompt + target)[:60]!r}")
@@ -360,16 +361,17 @@ class FmriLM(nn.Module):
         return time_major(codes, c.n_parcels, c.n_time_patches)[:, 1:]
 
     def losses(self, features: torch.Tensor, codes: torch.Tensor, descriptors: list[str],
-               plain: list[str] | None = None) -> dict:
-        """features (B, N, D), codes (B, N), descriptors (B,) texts, plain: T2T texts -> dict of
-        scalars (f2f, f2f_acc, f2t, t2t, total)."""
+               plain: list[str] | None = None, prompts: list[str] | None = None) -> dict:
+        """features (B, N, D), codes (B, N), descriptors (B,) texts after the scan (F2T; in
+        instruction tuning the answers), plain: T2T texts, prompts (B,): context between the
+        scan and its text (no loss) -> dict of scalars (f2f, f2f_acc, f2t, t2t, total)."""
         self.check_inputs(features, codes)
         c = self.config
         dev = self.parcel_pos.device
         out = {}
         total = torch.zeros((), device=dev)
         with self.autocast(dev):
-            lay = self.layout(descriptors, with_fmri=True)
+            lay = self.layout(descriptors, with_fmri=True, prompts=prompts)
             h = self.hidden(lay, features)
             if c.f2f_weight:
                 logits = self.f2f_logits(h, lay)
