@@ -89,3 +89,38 @@ def answer(model: FmriLM, features: torch.Tensor, prompts: list[str], options) -
     model.train(was)
     probs = ll.softmax(-1)
     return [{"answer": opts[int(row.argmax())], "probabilities": dict(zip(opts, map(float, row)))} for row in probs]
+
+
+@torch.no_grad()
+def generate(model: FmriLM, features: torch.Tensor, prompts: list[str] | None = None,
+             max_new_tokens: int = 48) -> list[str]:
+    """Free (greedy) generation after each scan (and its prompt) -> the texts, up to EOS or
+    ``max_new_tokens``. One scan at a time, the whole sequence re-read each token (no cache):
+    meant for a few held-out scans, e.g. their descriptors next to the truth."""
+    from fmri_bench.fmri_lm import TEXT, Layout, build_layout
+
+    model.check_inputs(features)
+    prompts = prompts if prompts is not None else [""] * len(features)
+    if prompts and any(prompts):
+        _check_prompt(model, prompts)
+    was = model.training
+    model.eval()
+    c, tok = model.config, model.tokenizer
+    head = model.causal_lm.get_output_embeddings()
+    out = []
+    for i in range(len(features)):
+        lay = build_layout(tok, [""], c.n_parcels, c.n_time_patches, [prompts[i]], c.max_text_tokens, eos=False)
+        ids, kind, block = lay.ids, lay.kind, lay.block
+        new = []
+        for _ in range(max_new_tokens):
+            h = model.hidden(Layout(ids, kind, block, torch.full_like(ids, -100)), features[i:i + 1])
+            nxt = int(head(h[:, -1]).float().argmax(-1))
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+            kind = torch.cat([kind, torch.tensor([[TEXT]])], 1)
+            block = torch.cat([block, block[:, -1:] + 1], 1)
+        out.append(tok.decode(new, skip_special_tokens=True))
+    model.train(was)
+    return out

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fmri_bench.errors import InputError
-from fmri_bench.lm_answer import answer, build_prompt, check_options, score_options
+from fmri_bench.lm_answer import answer, build_prompt, check_options, generate, score_options
 from tests.test_fmri_lm import NT, D, R, tiny_model
 
 OPTS = ["male", "female"]
@@ -45,28 +45,43 @@ def test_prompt_longer_than_the_model_reads_is_refused():
         score_options(m, torch.randn(1, R * NT, D), [build_prompt("the scan " * 10)], OPTS)
 
 
-def test_constrained_decoding_picks_the_planted_answer(one_thread):
-    """A toy: the sign of one fMRI feature is the answer; after a few LoRA steps the constrained
-    answer is right on new scans (chance: 50 %)."""
+@pytest.fixture(scope="module")
+def planted():
+    """A toy: the sign of one fMRI feature is the answer (+1 male, -1 female); a few LoRA steps
+    on instruction examples (prompt -> answer)."""
+    torch.set_num_threads(1)
     m = tiny_model(f2f_weight=0.0, t2t_weight=0.0)
     g = torch.Generator().manual_seed(0)
 
     def scans(n):
         y = torch.randint(0, 2, (n,), generator=g)
         f = 0.1 * torch.randn(n, R * NT, D, generator=g)
-        f[:, :, 0] += (1 - 2 * y)[:, None].float()  # +1: male, -1: female
+        f[:, :, 0] += (1 - 2 * y)[:, None].float()
         return f, y
 
     prompt = build_prompt("is this scan male or female")
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     codes = torch.zeros(8, R * NT, dtype=torch.long)
-    for _ in range(40):
+    for _ in range(80):  # 40 suffice for scoring; greedy generation needs EOS to lose at the first token
         f, y = scans(8)
         m.losses(f, codes, [" " + OPTS[i] for i in y], prompts=[prompt] * 8)["total"].backward()
         opt.step()
         opt.zero_grad()
+    return m.eval(), scans, prompt
+
+
+def test_constrained_decoding_picks_the_planted_answer(planted):
+    """After training, the constrained answer is right on new scans (chance: 50 %)."""
+    m, scans, prompt = planted
     f, y = scans(64)
     out = answer(m, f, [prompt] * 64, OPTS)
     acc = sum(o["answer"] == OPTS[i] for o, i in zip(out, y.tolist())) / 64
     assert acc >= 0.9, acc
     assert all(abs(sum(o["probabilities"].values()) - 1) < 1e-5 for o in out)
+
+
+def test_greedy_generation_says_the_planted_answer(planted):
+    m, scans, prompt = planted
+    f, y = scans(16)
+    texts = generate(m, f, [prompt] * 16, max_new_tokens=4)
+    assert sum(t.strip() == OPTS[i] for t, i in zip(texts, y.tolist())) >= 14, texts
