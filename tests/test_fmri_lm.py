@@ -257,3 +257,22 @@ def test_cli_align_trains_a_saved_llm(tmp_path, capsys, one_thread):
     rc = cli.main(["lm", "align", "--config", str(path), "--run-dir", str(tmp_path / "run"), "--llm", str(tmp_path / "llm")])
     out = capsys.readouterr().out
     assert rc == 0 and "step 2" in out and (tmp_path / "run" / "fmri_lm.pt").is_file()
+
+
+def test_a_trained_tokenizer_file_is_used_and_a_swapped_one_refused(tmp_path, one_thread):
+    from fmri_bench.models.tokenizer import NeuralTokenizer, tokenizer_config
+    from fmri_bench.tokenizer_train import save_tokenizer
+
+    def tok_file(seed):
+        torch.manual_seed(seed)
+        t = NeuralTokenizer(tokenizer_config(n_parcels=4, n_frames=30, patch_len=10, embed_dim=16, num_heads=2,
+                                             depth=1, decoder_depth=1, code_dim=8, codebook_size=16, llm_dim=8))
+        save_tokenizer(t, tmp_path / "tokenizer.pt")
+
+    tok_file(0)
+    cfg = _cfg(tmp_path, tokenizer=str(tmp_path / "tokenizer.pt"), tokenizer_overrides={})
+    res = train(cfg, tmp_path / "run", stop_at=2, llm=tiny_llm())
+    assert res["model"].config.n_parcels == 4 and res["model"].config.feat_dim == 16
+    tok_file(1)  # another tokenizer at the same path
+    with pytest.raises(InputError, match="another tokenizer"):
+        train(cfg, tmp_path / "run", resume=True, llm=tiny_llm())
