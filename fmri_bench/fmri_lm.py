@@ -112,7 +112,8 @@ def tokenizer_inputs(tokenizer, windows: torch.Tensor, causal: bool = True, batc
 
     causal: the encoder's attention is restricted to the same and earlier time patches (a
     block-causal mask over time), so the feature of (t, r) carries nothing of time t + 1 and
-    the F2F target cannot leak through the input. The codes are always the tokenizer's own
+    the F2F target cannot leak through the input (the encoder is run here with that mask, from
+    the tokenizer's own patch embedding and position tables). The codes are always the tokenizer's own
     (bidirectional encoder, then the quantiser), i.e. what it would emit for the window.
     """
     was = tokenizer.training
@@ -254,7 +255,8 @@ def llm_fingerprint(model: nn.Module) -> str:
 
 class FmriLM(nn.Module):
     """The LLM reading fMRI. ``llm``: a ``fmri_bench.lm.LoadedLM`` (its model becomes part of this
-    module; LoRA layers are injected into it) and ``cfg``."""
+    module, LoRA layers are injected into it, and its tokenizer gains the two marker tokens: one
+    FmriLM per loaded LLM) and ``cfg``."""
 
     def __init__(self, llm, cfg: FmriLMConfig | None = None):
         super().__init__()

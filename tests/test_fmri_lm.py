@@ -17,7 +17,7 @@ WORDS = ("the a scan of brain is coupling network elevated reduced typical betwe
 R, NT, D, K = 5, 3, 8, 7  # parcels, time patches, feature dim, codes
 
 
-def tiny_llm(seed: int = 0) -> LoadedLM:
+def tiny_llm(seed: int = 0, attn: str = "sdpa") -> LoadedLM:
     """A randomly initialised 2-layer Llama (width 32) with a word-level tokenizer, built here."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -29,16 +29,16 @@ def tiny_llm(seed: int = 0) -> LoadedLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, attn_implementation=attn)
     model = LlamaForCausalLM(cfg).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedLM(model, tok, f"tiny-{seed}", 32)
 
 
-def tiny_model(finetune="lora", **kw) -> FmriLM:
+def tiny_model(finetune="lora", attn="sdpa", **kw) -> FmriLM:
     torch.manual_seed(1)
-    return FmriLM(tiny_llm(), fmri_lm_config(feat_dim=D, n_parcels=R, n_time_patches=NT, n_codes=K,
+    return FmriLM(tiny_llm(attn=attn), fmri_lm_config(feat_dim=D, n_parcels=R, n_time_patches=NT, n_codes=K,
                                              precision="fp32", finetune=finetune, lora_dropout=0.0, **kw))
 
 
@@ -82,10 +82,12 @@ def test_block_causal_mask_matrix():
     assert torch.equal(m, want)
 
 
-def test_block_causal_attention_in_the_llm(one_thread):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # a boolean mask, or the additive float one
+def test_block_causal_attention_in_the_llm(attn, one_thread):
     """Through the real LLM: a time step sees all its parcels and earlier steps, never later ones;
     the text after the scan sees all of it."""
-    m = tiny_model().eval()
+    m = tiny_model(attn=attn).eval()
+    assert m.causal_lm.config._attn_implementation == attn
     f = torch.randn(1, R * NT, D)
     lay = m.layout(TEXTS[:1], with_fmri=True)
     fm = lay.kind[0] == FMRI
