@@ -281,9 +281,31 @@ def _run_lm_align(args) -> int:
     return 0
 
 
+# --- ask -------------------------------------------------------------------------------------
+def _add_ask(sub) -> None:
+    p = sub.add_parser("ask", help="ask a trained fMRI-LM a question about a scan (constrained answer)")
+    p.add_argument("question", help='the question, e.g. "Is this subject male or female?"')
+    p.add_argument("--checkpoint", required=True, help="fmri_lm.pt (or checkpoint.pt) written by lm align")
+    p.add_argument("--scan", required=True, help=".npy parcel windows of the scan, (n, frames, parcels)")
+    p.add_argument("--options", nargs="+", required=True, help="the allowed answers, e.g. Male Female")
+    p.add_argument("--descriptors", default="", help="descriptor text of the scan for the prompt")
+    p.add_argument("--llm", default=None, help="where the checkpoint's LLM is now (default: as trained)")
+    p.set_defaults(func=_run_ask)
+
+
+def _run_ask(args) -> int:
+    from fmri_bench.lm_train import ask
+
+    res = ask(args.checkpoint, args.scan, args.question, args.options, descriptors=args.descriptors, llm=args.llm)
+    print(f"answer: {res['answer']}  ({res['windows']} windows)")
+    for o, p in res["probabilities"].items():
+        print(f"  {o}: {p:.3f}")
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 _COMMANDS = [_add_flatten, _add_book, _add_pretrain, _add_simulate, _add_probe, _add_baseline, _add_parcellate,
-             _add_describe, _add_tokenizer, _add_lm]
+             _add_describe, _add_tokenizer, _add_lm, _add_ask]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -230,10 +230,10 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
         tokenizer = load_tokenizer_for(cfg, data.windows.shape[1], data.windows.shape[2])
     x_all = torch.from_numpy(data.windows)
     tokenizer.check_inputs(x_all[:1])
+    tok_fp = tokenizer_fingerprint(tokenizer)  # before any forward (an untrained VQ initialises on its first batch)
     feats, codes = tokenizer_inputs(tokenizer, x_all, causal=cfg.causal_features)
     llm = llm if llm is not None else lm_mod.load_llm(cfg.llm)
     model = build_model(cfg, llm, tokenizer)
-    tok_fp = tokenizer_fingerprint(tokenizer)
     paras = plain_text(cfg.data.t2t_text)
     n_val_p = min(cfg.data.t2t_val_paragraphs, len(paras) // 2)
     order = np.random.default_rng(cfg.seed).permutation(len(paras))
@@ -361,3 +361,52 @@ def load_model(path, llm, tokenizer_fp: str | None = None) -> FmriLM:
     check_compatible(ck, model, tokenizer_fp, path)
     model.load_trainable_state_dict(ck["trainable"], path)
     return model.eval()
+
+
+def ask(checkpoint, windows_path, question: str, options, descriptors: str = "", dataset_info: str = "",
+        llm: str | None = None) -> dict:
+    """Ask a trained fMRI-LM about one scan -> {"answer", "probabilities", "windows"}.
+
+    windows_path: a ``.npy`` of the scan's parcel windows, (n, T, R) or one window (T, R), as
+    ``fmri_bench.parcels.model_windows`` gives them. The tokenizer and the LLM are the ones the
+    checkpoint was trained with (``llm`` overrides the LLM's location; a different LLM is
+    refused). With several windows the option probabilities are averaged over them.
+    """
+    from fmri_bench import lm as lm_mod
+    from fmri_bench.lm_answer import answer, build_prompt, check_options
+
+    opts = check_options(options)
+    ck = load_checkpoint(checkpoint)
+    if not ck.get("train_config"):
+        raise InputError("checkpoint holds no training config (not written by lm align)", checkpoint)
+    cfg = LMTrainConfig(**ck["train_config"])
+    if not os.path.isfile(windows_path):
+        raise InputError("scan file not found", windows_path)
+    try:
+        w = np.load(windows_path, allow_pickle=False)
+    except Exception as err:
+        raise InputError(f"cannot read parcel windows ({type(err).__name__})", windows_path) from None
+    w = w[None] if w.ndim == 2 else w
+    if w.ndim != 3 or not np.isfinite(w).all():
+        raise InputError(f"parcel windows must be finite (n, frames, parcels) or (frames, parcels), got shape {w.shape}",
+                         windows_path)
+    tokenizer = load_tokenizer_for(cfg, *_trained_shape(ck))  # the file, or the same untrained one
+    tc = tokenizer.config
+    if (w.shape[1], w.shape[2]) != (tc.n_frames, tc.n_parcels):
+        raise InputError(f"scan has windows of {w.shape[1]} frames x {w.shape[2]} parcels, the model reads "
+                         f"{tc.n_frames} x {tc.n_parcels}", windows_path)
+    fp = tokenizer_fingerprint(tokenizer)
+    model = load_model(checkpoint, lm_mod.load_llm(llm if llm is not None else cfg.llm), fp)
+    feats, _ = tokenizer_inputs(tokenizer, torch.from_numpy(w.astype(np.float32)), causal=cfg.causal_features)
+    prompt = build_prompt(question, descriptors, dataset_info)
+    res = answer(model, feats, [prompt] * len(feats), opts)
+    probs = {o: float(np.mean([r["probabilities"][o] for r in res])) for o in opts}
+    return {"answer": max(probs, key=probs.get), "probabilities": probs, "windows": len(feats)}
+
+
+def _trained_shape(ck: dict) -> tuple[int, int]:
+    """(frames, parcels) of an untrained tokenizer rebuilt from a checkpoint's training config."""
+    from fmri_bench.models.tokenizer import tokenizer_config
+
+    t = tokenizer_config("tiny", **ck["train_config"].get("tokenizer_overrides", {}))
+    return t.n_frames, t.n_parcels

@@ -278,3 +278,31 @@ def test_a_trained_tokenizer_file_is_used_and_a_swapped_one_refused(tmp_path, on
     tok_file(1)  # another tokenizer at the same path
     with pytest.raises(InputError, match="another tokenizer"):
         train(cfg, tmp_path / "run", resume=True, llm=tiny_llm())
+
+
+def test_cli_ask_answers_and_refuses_bad_input(tmp_path, capsys, one_thread):
+    import numpy as np
+
+    llm = tiny_llm()
+    llm.model.save_pretrained(tmp_path / "llm")
+    llm.tokenizer.save_pretrained(tmp_path / "llm")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_cfg(tmp_path, steps=2).to_dict()))
+    assert cli.main(["lm", "align", "--config", str(path), "--run-dir", str(tmp_path / "run"),
+                     "--llm", str(tmp_path / "llm")]) == 0
+    capsys.readouterr()
+    scan = tmp_path / "scan.npy"
+    np.save(scan, np.random.default_rng(0).standard_normal((2, 30, 4)).astype(np.float32))
+    ck = str(tmp_path / "run" / "fmri_lm.pt")
+    rc = cli.main(["ask", "is this scan male or female", "--checkpoint", ck, "--scan", str(scan),
+                   "--options", "male", "female"])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0 and out[0].split()[1] in ("male", "female") and "(2 windows)" in out[0]
+    probs = [float(line.split(":")[1]) for line in out[1:]]
+    assert len(probs) == 2 and abs(sum(probs) - 1) < 2e-3
+    np.save(tmp_path / "wrong.npy", np.zeros((1, 30, 5), np.float32))
+    for args, msg in [(["--scan", str(tmp_path / "wrong.npy"), "--options", "male", "female"], "5 parcels"),
+                      (["--scan", str(scan), "--options", "male", "male"], "more than once")]:
+        rc = cli.main(["ask", "q", "--checkpoint", ck, *args])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
