@@ -254,9 +254,58 @@ def _run_tokenizer(args) -> int:
     return 0
 
 
+# --- lm ------------------------------------------------------------------------------------
+def _add_lm(sub) -> None:
+    p = sub.add_parser("lm", help="fMRI-LM: the LLM that reads fMRI (stage 2: align)")
+    lm_sub = p.add_subparsers(dest="lm_command", required=True)
+    a = lm_sub.add_parser("align", help="stage 2: train the LLM (LoRA) on F2F / F2T / T2T (resumable)")
+    a.add_argument("--config", default=None, help="YAML fMRI-LM config (default: the tiny CPU settings)")
+    a.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, dotted keys and YAML values: steps=200 tokenizer=runs/tok/tokenizer.pt "
+                        "model_overrides.finetune=full data.windows=w.npy data.corpus=c.jsonl")
+    a.add_argument("--run-dir", required=True, help="directory for config, metrics, checkpoints")
+    a.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    a.add_argument("--llm", default=None, help="LLM: a local model path or name (default SmolLM2-135M-Instruct)")
+    a.set_defaults(func=_run_lm_align)
+
+
+def _run_lm_align(args) -> int:
+    from fmri_bench.lm_train import load_config, train
+
+    overrides = list(args.overrides) + ([f"llm={args.llm}"] if args.llm else [])
+    res = train(load_config(args.config, overrides), args.run_dir, resume=args.resume)
+    last = [r for r in res["history"] if "loss" in r]
+    loss = f"{last[-1]['loss']:.4f}" if last else "n/a"
+    val = {k: round(v, 4) for k, v in res["val"].items()} or "n/a"
+    print(f"step {res['step']}: train loss {loss}, val {val}, {res['seqs_per_s']:.2f} seqs/s -> {args.run_dir}")
+    return 0
+
+
+# --- ask -------------------------------------------------------------------------------------
+def _add_ask(sub) -> None:
+    p = sub.add_parser("ask", help="ask a trained fMRI-LM a question about a scan (constrained answer)")
+    p.add_argument("question", help='the question, e.g. "Is this subject male or female?"')
+    p.add_argument("--checkpoint", required=True, help="fmri_lm.pt (or checkpoint.pt) written by lm align")
+    p.add_argument("--scan", required=True, help=".npy parcel windows of the scan, (n, frames, parcels)")
+    p.add_argument("--options", nargs="+", required=True, help="the allowed answers, e.g. Male Female")
+    p.add_argument("--descriptors", default="", help="descriptor text of the scan for the prompt")
+    p.add_argument("--llm", default=None, help="where the checkpoint's LLM is now (default: as trained)")
+    p.set_defaults(func=_run_ask)
+
+
+def _run_ask(args) -> int:
+    from fmri_bench.lm_train import ask
+
+    res = ask(args.checkpoint, args.scan, args.question, args.options, descriptors=args.descriptors, llm=args.llm)
+    print(f"answer: {res['answer']}  ({res['windows']} windows)")
+    for o, p in res["probabilities"].items():
+        print(f"  {o}: {p:.3f}")
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 _COMMANDS = [_add_flatten, _add_book, _add_pretrain, _add_simulate, _add_probe, _add_baseline, _add_parcellate,
-             _add_describe, _add_tokenizer]
+             _add_describe, _add_tokenizer, _add_lm, _add_ask]
 
 
 def build_parser() -> argparse.ArgumentParser:
