@@ -107,12 +107,46 @@ def lr_at(cfg: TokenizerTrainConfig, step: int) -> float:
 @dataclass
 class WindowData:
     """windows (n, T, R) float32; texts (n,) descriptor text per window; subjects (n,) str;
-    truth (n,) float (the synthetic latent per window; NaN for real data)."""
+    truth (n,) float (the synthetic latent per window; NaN for real data); lengths (n,) int real
+    frames of each window (None: no padding); scans (n,) the scan each window comes from."""
 
     windows: np.ndarray
     texts: list
     subjects: list
     truth: np.ndarray
+    lengths: np.ndarray | None = None
+    scans: list | None = None
+
+
+def corpus_windows(series_list, records, tr: float = 2.0, length: int = 160, short: str = "pad") -> WindowData:
+    """Parcel series + their descriptor records -> the tokenizer's training data.
+
+    series_list: ParcelSeries with ``.key`` (``parcels``); records: ``descriptors.describe``
+    output, matched by ``scan`` == key. Each run becomes ``parcels.model_windows`` (TR ``tr``,
+    robust z per parcel, ``length``-frame windows; a run shorter than one window is zero-padded
+    at the end or skipped, ``short``); every window carries its scan's descriptor text. Runs
+    that give no window are left out."""
+    by_scan = {str(r["scan"]): r for r in records}
+    wins, lens, texts, subs, scans = [], [], [], [], []
+    for s in series_list:
+        rec = by_scan.get(str(s.key))
+        if rec is None:
+            raise InputError(f"no descriptor record for scan {s.key!r}", s.source)
+        w, n = parcels_model_windows(s, tr, length, short)
+        wins.append(w)
+        lens += n.tolist()
+        texts += [rec["text"]] * len(w)
+        subs += [str(s.subject)] * len(w)
+        scans += [str(s.key)] * len(w)
+    if not lens:
+        raise InputError(f"no run gives a {length}-frame window at TR {tr} s (short={short!r})")
+    return WindowData(np.concatenate(wins), texts, subs, np.full(len(lens), np.nan), np.asarray(lens, np.int64), scans)
+
+
+def parcels_model_windows(series, tr, length, short):
+    from fmri_bench.parcels import model_windows
+
+    return model_windows(series, tr, length, short, return_lengths=True)
 
 
 def synthetic_windows(n_subjects=24, windows_per_subject=4, n_frames=160, n_parcels=360, seed=0) -> WindowData:
@@ -211,23 +245,29 @@ def text_features(texts: list[str], llm: str | None) -> tuple[torch.Tensor, torc
 # --- evaluation ------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: NeuralTokenizer, windows: torch.Tensor, states: torch.Tensor | None = None,
-             words: torch.Tensor | None = None, batch_size: int = 16, seed: int = 0) -> dict:
-    """Held-out diagnostics: recon MSE, codebook usage, domain-classifier accuracy, and
-    fMRI -> text retrieval top-1 / top-5 (by window, against its own descriptor's state)."""
+             words: torch.Tensor | None = None, batch_size: int = 16, seed: int = 0,
+             lengths: torch.Tensor | None = None) -> dict:
+    """Held-out diagnostics: recon MSE (real frames only when ``lengths`` are given), codebook
+    usage (tokens holding real frames), domain-classifier accuracy, and fMRI -> text retrieval
+    top-1 / top-5 (by window, against its own descriptor's state)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    mse, idx, acc, fe, te = [], [], [], [], []
+    err, n_val, idx, acc, fe, te = 0.0, 0.0, [], [], [], []
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size]
-        out = model(x, None if states is None else states[i:i + batch_size], words, grl=0.0, gen=gen)
-        mse.append(float(((out.recon - x) ** 2).mean()) * len(x))
-        idx.append(out.indices)
+        ln = None if lengths is None else lengths[i:i + batch_size]
+        out = model(x, None if states is None else states[i:i + batch_size], words, grl=0.0, gen=gen, lengths=ln)
+        m = model.frame_mask(ln, len(x))
+        err += float((((out.recon - x) ** 2) * m).sum())
+        n_val += float(m.sum()) * x.shape[2]
+        w = model.token_weight(ln, len(x))[..., 0] > 0
+        idx.append(out.indices[w])
         if "domain_acc" in out.losses:
             acc.append(float(out.losses["domain_acc"]))
         if states is not None:
-            fe.append(model.align.embed_fmri(out.features))
+            fe.append(model.align.embed_fmri(out.features, None if ln is None else w[..., None].float()))
             te.append(model.align.embed_text(states[i:i + batch_size]))
-    res = {"recon_mse": sum(mse) / len(windows), **codebook_usage(torch.cat(idx), model.quantiser.n_codes)}
+    res = {"recon_mse": err / max(n_val, 1.0), **codebook_usage(torch.cat(idx), model.quantiser.n_codes)}
     if acc:
         res["domain_acc"] = float(np.mean(acc))
     if fe:
@@ -351,8 +391,10 @@ def train(cfg: TokenizerTrainConfig, run_dir=None, resume: bool = False, stop_at
                    "optimizer": opt.state_dict(), "rng": _rng_state(gen), "step": step, "train_config": cfg.to_dict()}
             atomic_save(lambda tmp: torch.save(obj, tmp), run_path / "checkpoint.pt")
 
+    len_all = None if data.lengths is None else torch.as_tensor(data.lengths)
     xv = x_all[torch.from_numpy(va)] if len(va) else None
     sv = states[torch.from_numpy(va)] if (states is not None and len(va)) else None
+    lv = None if (len_all is None or not len(va)) else len_all[torch.from_numpy(va)]
 
     from tqdm.auto import tqdm
 
@@ -367,7 +409,7 @@ def train(cfg: TokenizerTrainConfig, run_dir=None, resume: bool = False, stop_at
         for g in opt.param_groups:
             g["lr"] = lr
         out = model(x_all[pick], None if states is None else states[pick], words,
-                    grl=grl_strength(step / cfg.steps), gen=gen)
+                    grl=grl_strength(step / cfg.steps), gen=gen, lengths=None if len_all is None else len_all[pick])
         out.losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -385,7 +427,7 @@ def train(cfg: TokenizerTrainConfig, run_dir=None, resume: bool = False, stop_at
             window, n_win, t0 = {}, 0, time.perf_counter()
         bar.update(1)
         if xv is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            val = evaluate(model, xv, sv, words, seed=cfg.seed + 2)
+            val = evaluate(model, xv, sv, words, seed=cfg.seed + 2, lengths=lv)
             log({"step": step, **{f"val_{k}": v for k, v in val.items()}})
             t0 = time.perf_counter()
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
@@ -421,14 +463,22 @@ def load_tokenizer(path) -> NeuralTokenizer:
     return m
 
 
-def recon_yardsticks(train_windows: np.ndarray, val_windows: np.ndarray, ks=(8, 32)) -> dict:
+def recon_yardsticks(train_windows: np.ndarray, val_windows: np.ndarray, ks=(8, 32),
+                     train_lengths=None, val_lengths=None) -> dict:
     """Reconstruction MSE of held-out windows (n, T, R) by predict-zero and by PCA-k over
-    parcels fitted on the training windows only -> {"zero": mse, "pca8": mse, ...}."""
+    parcels fitted on the training windows only -> {"zero": mse, "pca8": mse, ...}. With
+    lengths (n,), only the real (unpadded) frames are fitted and scored, as in ``evaluate``."""
     from sklearn.decomposition import PCA
 
+    def frames(w, lengths):
+        w = np.asarray(w)
+        if lengths is None:
+            return w.reshape(-1, w.shape[2])
+        return np.concatenate([x[:int(n)] for x, n in zip(w, lengths)])
+
     r = train_windows.shape[2]
-    tr = train_windows.reshape(-1, r)
-    va = val_windows.reshape(-1, r)
+    tr = frames(train_windows, train_lengths)
+    va = frames(val_windows, val_lengths)
     out = {"zero": float((va ** 2).mean())}
     for k in ks:
         k = min(k, r, len(tr))
