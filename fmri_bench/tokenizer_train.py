@@ -321,13 +321,15 @@ def _rng_state(gen):
 
 # --- the loop --------------------------------------------------------------------------------
 def train(cfg: TokenizerTrainConfig, run_dir=None, resume: bool = False, stop_at: int | None = None,
-          data: WindowData | None = None, text_feats: tuple | None = None) -> dict:
+          data: WindowData | None = None, text_feats: tuple | None = None, val_subjects=None) -> dict:
     """Train the tokenizer for ``cfg.steps`` updates -> {"step", "model", "history", "val",
     "clips_per_s", "split": (train idx, val idx)}.
 
     data: windows + texts (default: from ``cfg.data``); text_feats: (states (n, H), words (M, H))
     to use instead of running the LLM (``cfg.llm="none"`` and no text_feats: reconstruction only).
-    stop_at: stop after this step as if killed (the run resumes later).
+    stop_at: stop after this step as if killed (the run resumes later). val_subjects: the
+    held-out subjects (default: ``split_subjects`` with ``data.val_fraction``), e.g. the subjects
+    a descriptor corpus was not z-scored on.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -350,9 +352,16 @@ def train(cfg: TokenizerTrainConfig, run_dir=None, resume: bool = False, stop_at
     model = NeuralTokenizer(mcfg)
     x_all = torch.from_numpy(data.windows)
     model.check_inputs(x_all[:1])
-    tr, va = split_subjects(data.subjects, cfg.data.val_fraction, cfg.seed)
+    if val_subjects is None:
+        tr, va = split_subjects(data.subjects, cfg.data.val_fraction, cfg.seed)
+    else:
+        held = set(map(str, val_subjects))
+        va = np.array([i for i, s in enumerate(data.subjects) if str(s) in held], dtype=int)
+        tr = np.array([i for i, s in enumerate(data.subjects) if str(s) not in held], dtype=int)
     if len(tr) < 2:
         raise InputError(f"only {len(tr)} training windows: need at least 2")
+    if states is not None:
+        model.align.set_text_centre(states[torch.from_numpy(tr)])
     no_decay = {n for n, p in model.named_parameters() if p.ndim < 2 or n.endswith("_pos")}
     groups = [{"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0}]

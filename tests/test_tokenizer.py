@@ -205,3 +205,36 @@ def test_shipped_configs_load(name):
     if cfg.preset == "paper":
         assert (mcfg.embed_dim, mcfg.depth, mcfg.num_heads, mcfg.codebook_size, mcfg.code_dim) == (384, 12, 6, 8192, 128)
         assert mcfg.siglip_temperature == 0.125 and mcfg.adv_weight == 0.5 and mcfg.ema_decay == 0.99
+
+
+def test_padding_is_left_out_of_the_reconstruction_loss(one_thread):
+    """Windows padded at the end (lengths): what sits in the padding changes neither the
+    reconstruction loss nor the pooled embedding's input tokens."""
+    torch.manual_seed(0)
+    m = NeuralTokenizer(tokenizer_config("tiny", **SMALL)).eval()
+    x = torch.randn(2, 32, 12)
+    y = x.clone()
+    y[:, 16:] = 100.0  # only the padding differs; the encoder still sees it, so compare masks
+    lengths = torch.tensor([16, 16])
+    w = m.token_weight(lengths, 2)[..., 0]
+    assert w.shape == (2, 48) and w.sum() == 2 * 12 * 2  # 2 of 4 time patches per parcel are real
+    fm = m.frame_mask(lengths, 2)
+    assert fm[:, :16].all() and not fm[:, 16:].any()
+    out = m(x, lengths=lengths)
+    manual = ((out.recon - x)[:, :16] ** 2).mean()
+    assert torch.allclose(out.losses["recon"], manual, atol=1e-6)
+    assert not torch.allclose(m(x).losses["recon"], manual)
+
+
+def test_text_centre_removes_common_component(one_thread):
+    """Anisotropic text states (a shared component dominating): centred on the training mean,
+    their projections are no longer all alike, so the soft SigLIP targets are not all ~1."""
+    torch.manual_seed(0)
+    m = NeuralTokenizer(tokenizer_config("tiny", **SMALL))
+    states = 50 * torch.randn(1, 16) + torch.randn(20, 16)
+    t = m.align.embed_text(states)
+    before = (t @ t.T)[~torch.eye(20, dtype=torch.bool)].mean()
+    m.align.set_text_centre(states)
+    t = m.align.embed_text(states)
+    after = (t @ t.T)[~torch.eye(20, dtype=torch.bool)].mean()
+    assert before > 0.9 and after.abs() < 0.2

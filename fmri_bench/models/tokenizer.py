@@ -211,6 +211,18 @@ class LanguageAlignment(nn.Module):
         self.domain = nn.Sequential(nn.Linear(cfg.llm_dim, cfg.adv_hidden), nn.GELU(), nn.Linear(cfg.adv_hidden, 2))
         self.fmri_proj = nn.Linear(feat_dim, cfg.align_dim)
         self.text_proj = nn.Linear(cfg.llm_dim, cfg.align_dim)
+        # mean LLM state of the training texts (set_text_centre), subtracted before text_proj
+        self.register_buffer("text_centre", torch.zeros(cfg.llm_dim))
+
+    def set_text_centre(self, states: torch.Tensor) -> None:
+        """Centre the text states on the training texts' mean (states (n, llm_dim)).
+
+        A causal LM's last-token states are highly anisotropic: on the synthetic descriptor
+        corpus any two scans' SmolLM2 states have cosine ~0.98 (min 0.95). The soft SigLIP
+        targets sigmoid(t t^T / tau) are then ~1 for every pair, so the loss asks every fMRI
+        window to match every text and retrieval cannot rise above chance; centred, the mean
+        cosine is ~0."""
+        self.text_centre.copy_(states.mean(0).to(self.text_centre))
 
     def adversarial(self, feats: torch.Tensor, words: torch.Tensor, strength: float, gen=None, weight=None):
         """feats (B, N, D), words (M, llm_dim) -> (loss, accuracy). Class 0 fMRI, 1 text.
@@ -248,7 +260,7 @@ class LanguageAlignment(nn.Module):
         return total
 
     def embed_text(self, states: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(states), dim=-1)
+        return F.normalize(self.text_proj(states - self.text_centre), dim=-1)
 
 
 class NeuralTokenizer(nn.Module):
