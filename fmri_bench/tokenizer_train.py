@@ -494,3 +494,127 @@ def recon_yardsticks(train_windows: np.ndarray, val_windows: np.ndarray, ks=(8, 
         pca = PCA(k, random_state=0).fit(tr)
         out[f"pca{k}"] = float(((pca.inverse_transform(pca.transform(va)) - va) ** 2).mean())
     return out
+
+
+# --- the flat-map MAE as tokenizer -----------------------------------------------------------
+@dataclass
+class ClipFeatures:
+    """Frozen MAE patch features of flat-map clips: patch (n, L, D) float32, brain (n, L) bool,
+    scans (n,) the scan key (``{subject}_{run}``, as ``parcels.cohort_series``), subjects (n,)."""
+
+    patch: np.ndarray
+    brain: np.ndarray
+    scans: list
+    subjects: list
+
+
+def scan_of_shard_key(key: str) -> str:
+    """A flat-map shard key (``sub-{subject}_{run}_Atlas_MSMAll[_pathid]``) -> ``{subject}_{run}``."""
+    import re
+
+    from fmri_bench.convert import readable_key
+
+    k = readable_key(key)
+    m = re.fullmatch(r"sub-([^_]+)_(.+?)(?:_Atlas_MSMAll)?", k)
+    return f"{m.group(1)}_{m.group(2)}" if m else k
+
+
+def mae_clip_features(data, checkpoint, clips_per_run: int = 2, batch_size: int = 8) -> ClipFeatures:
+    """The first ``clips_per_run`` consecutive 16-frame clips of every rest and task run of a
+    ``harness`` Dataset through the frozen MAE of ``checkpoint`` (``forward_features``: every
+    brain patch visible) -> ClipFeatures. The MAE is frozen, so this runs once."""
+    from fmri_bench.harness.features import EncoderExtractor, extract, load_encoder
+    from fmri_bench.harness.tasks import task_clips
+
+    clips = task_clips("sex", data)  # consecutive clips of every rest and task run
+    keep, seen = np.zeros(len(clips), bool), {}
+    for i, k in enumerate(clips.run_keys):
+        seen[k] = seen.get(k, 0) + 1
+        keep[i] = seen[k] <= clips_per_run
+    clips = clips.subset(keep)
+    ex = EncoderExtractor(load_encoder(checkpoint), ("patch", "brain"))
+    f = extract(clips, data, {"mae": ex}, batch_size=batch_size)["mae"]
+    return ClipFeatures(np.asarray(f.data["patch"], np.float32), np.asarray(f.data["brain"]) > 0.5,
+                        [scan_of_shard_key(k) for k in clips.run_keys], [str(s) for s in clips.subjects])
+
+
+def train_mae_tokenizer(tok, feats: ClipFeatures, train_idx, states=None, words=None, steps: int = 200,
+                        batch_size: int = 8, lr: float = 1e-3, warmup_steps: int = 20, weight_decay: float = 0.05,
+                        grad_clip: float = 1.0, seed: int = 0) -> list[dict]:
+    """Train an ``MAETokenizer``'s quantiser, feature decoder and alignment heads on precomputed
+    features (the MAE stays frozen), as ``train`` trains the parcel tokenizer: AdamW, warm-up
+    cosine, gradient-reversal ramp, clip 1.0. states: (n, H) text state per clip (or None).
+    -> history of {step, loss parts}."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    train_idx = torch.as_tensor(np.asarray(train_idx), dtype=torch.long)
+    if states is not None:
+        tok.align.set_text_centre(states[train_idx])
+    params = [p for n, p in tok.named_parameters() if not n.startswith("features.")]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    x, brain = torch.from_numpy(feats.patch), torch.from_numpy(feats.brain)
+    hist = []
+    tok.train()
+    for step in range(steps):
+        pick = train_idx[torch.randperm(len(train_idx), generator=gen)[:batch_size]]
+        for g in opt.param_groups:
+            g["lr"] = warmup_cosine(lr, step, warmup_steps, steps)
+        out = tok.tokenize(x[pick], brain[pick], None if states is None else states[pick], words,
+                           grl=grl_strength(step / steps), gen=gen)
+        out.losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        hist.append({"step": step + 1, **{k: float(v.detach()) for k, v in out.losses.items()}})
+    return hist
+
+
+@torch.no_grad()
+def evaluate_mae_tokenizer(tok, feats: ClipFeatures, idx, states=None, words=None, batch_size: int = 16,
+                           seed: int = 0) -> dict:
+    """Held-out diagnostics of an ``MAETokenizer`` on clips ``idx``: feature reconstruction MSE
+    (brain patches), code usage (brain patches), domain-classifier accuracy, and fMRI -> text
+    retrieval by scan (each scan's clips' embeddings averaged, against its descriptor state)."""
+    tok.eval()
+    gen = torch.Generator().manual_seed(seed)
+    idx = np.asarray(idx)
+    x, brain = torch.from_numpy(feats.patch[idx]), torch.from_numpy(feats.brain[idx])
+    err, n, codes, acc, fe = 0.0, 0.0, [], [], []
+    for i in range(0, len(idx), batch_size):
+        xb, bb = x[i:i + batch_size], brain[i:i + batch_size]
+        sb = None if states is None else states[torch.as_tensor(idx[i:i + batch_size])]
+        out = tok.tokenize(xb, bb, sb, words, grl=0.0, gen=gen)
+        w = bb.unsqueeze(-1).float()
+        err += float((((out.recon - xb) ** 2) * w).sum())
+        n += float(w.sum()) * xb.shape[-1]
+        codes.append(out.indices[bb])
+        if "domain_acc" in out.losses:
+            acc.append(float(out.losses["domain_acc"]))
+        fe.append(tok.align.embed_fmri(out.features, w))
+    res = {"recon_mse": err / max(n, 1.0), **codebook_usage(torch.cat(codes), tok.quantiser.n_codes)}
+    if acc:
+        res["domain_acc"] = float(np.mean(acc))
+    if states is not None:
+        scans = np.asarray(feats.scans)[idx]
+        uniq = sorted(set(scans))
+        f = torch.cat(fe)
+        fs = torch.nn.functional.normalize(torch.stack([f[torch.from_numpy(scans == s)].mean(0) for s in uniq]), dim=-1)
+        first = [int(np.flatnonzero(scans == s)[0]) for s in uniq]
+        ts = tok.align.embed_text(states[torch.as_tensor(idx[first])])
+        res.update(retrieval(fs, ts))
+    tok.train()
+    return res
+
+
+def feature_yardsticks(feats: ClipFeatures, train_idx, val_idx, ks=(8, 32)) -> dict:
+    """Feature reconstruction MSE (brain patches of held-out clips) by the training mean
+    feature and by PCA-k fitted on the training clips' brain patches -> {"mean": mse, "pca8": ...}."""
+    from sklearn.decomposition import PCA
+
+    tr = feats.patch[np.asarray(train_idx)][feats.brain[np.asarray(train_idx)]]
+    va = feats.patch[np.asarray(val_idx)][feats.brain[np.asarray(val_idx)]]
+    out = {"mean": float(((va - tr.mean(0)) ** 2).mean())}
+    for k in ks:
+        pca = PCA(min(k, tr.shape[1]), random_state=0).fit(tr)
+        out[f"pca{k}"] = float(((pca.inverse_transform(pca.transform(va)) - va) ** 2).mean())
+    return out

@@ -238,3 +238,32 @@ def test_text_centre_removes_common_component(one_thread):
     t = m.align.embed_text(states)
     after = (t @ t.T)[~torch.eye(20, dtype=torch.bool)].mean()
     assert before > 0.9 and after.abs() < 0.2
+
+
+def test_mae_tokenizer_training_on_precomputed_features(tmp_path, one_thread):
+    """train_mae_tokenizer lowers the feature reconstruction below the training-mean yardstick's
+    start, leaves the MAE untouched, and evaluate_mae_tokenizer retrieves by scan."""
+    from fmri_bench.models.mae import MaskedAutoencoderViT, preset_config
+    from fmri_bench.models.tokenizer import MAEFeatures, MAETokenizer
+
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(preset_config("mae_vit_tiny", img_size=(16, 32), num_frames=16, depth=1, decoder_depth=1))
+    feats = MAEFeatures(mae)
+    before = {k: v.clone() for k, v in mae.state_dict().items()}
+    g = np.random.default_rng(0)
+    patch = g.standard_normal((12, 8, feats.dim)).astype(np.float32)
+    brain = np.ones((12, 8), bool)
+    brain[:, -2:] = False
+    patch[~brain] = 0
+    cf = tt.ClipFeatures(patch, brain, [f"s{i // 2}_r" for i in range(12)], [f"s{i // 2}" for i in range(12)])
+    tok = MAETokenizer(feats, tokenizer_config("tiny", **{**SMALL, "llm_dim": 16}))
+    states, words = torch.randn(12, 16), torch.randn(30, 16)
+    hist = tt.train_mae_tokenizer(tok, cf, np.arange(8), states, words, steps=30, batch_size=4, lr=3e-3)
+    assert np.mean([h["recon"] for h in hist[-5:]]) < np.mean([h["recon"] for h in hist[:3]])
+    assert all(torch.equal(before[k], v) for k, v in mae.state_dict().items())
+    res = tt.evaluate_mae_tokenizer(tok, cf, np.arange(8, 12), states, words)
+    assert {"recon_mse", "perplexity", "domain_acc", "top1", "chance_top1"} <= set(res)
+    assert res["chance_top1"] == 0.5  # two held-out scans, two clips each
+    y = tt.feature_yardsticks(cf, np.arange(8), np.arange(8, 12))
+    assert y["pca32"] <= y["pca8"] <= y["mean"] * 1.01
+    assert tt.scan_of_shard_key("sub-100121_rfMRI_REST1_LR_Atlas_MSMAll_b24cf2c64d") == "100121_rfMRI_REST1_LR"
