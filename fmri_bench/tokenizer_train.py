@@ -534,7 +534,7 @@ def mae_clip_features(data, checkpoint, clips_per_run: int = 2, batch_size: int 
     clips = clips.subset(keep)
     ex = EncoderExtractor(load_encoder(checkpoint), ("patch", "brain"))
     f = extract(clips, data, {"mae": ex}, batch_size=batch_size)["mae"]
-    return ClipFeatures(np.asarray(f.data["patch"], np.float32), np.asarray(f.data["brain"]) > 0.5,
+    return ClipFeatures(np.asarray(f.arrays["patch"], np.float32), np.asarray(f.arrays["brain"]) > 0.5,
                         [scan_of_shard_key(k) for k in clips.run_keys], [str(s) for s in clips.subjects])
 
 
