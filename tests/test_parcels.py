@@ -119,3 +119,33 @@ def test_fsaverage5_gifti_through_seitzman(tmp_path, rng):
     at = P.load_atlas("seitzman300")
     assert s.atlas == "seitzman300" and s.space == "fsaverage5" and s.data.shape == (6, at.n_parcels)
     assert len(at.vertex_labels) == load_surface("fsaverage5").n_vertices and at.n_parcels > 200
+
+
+def test_cohort_series_equal_the_cifti_parcel_means():
+    """The synthetic cohort's parcel copies are the MMP means of its CIFTI runs (same atlas
+    order as ``load_atlas('mmp')``), keyed subject_run."""
+    import json
+
+    from fmri_bench.synth import ensure_cohort
+
+    cohort = ensure_cohort("smoke", seed=0)
+    run = [r for r in json.loads((cohort / "ground_truth.json").read_text())["runs"] if r.get("path")][0]
+    (s,) = P.cohort_series(cohort, [run])
+    direct = P.parcel_series(cohort / run["path"], atlas="mmp")
+    assert s.key == f"{run['subject']}_{run['run']}" and s.subject == run["subject"]
+    assert s.labels == direct.labels[:360] and s.networks == direct.networks[:360]
+    np.testing.assert_allclose(s.data, direct.data[:, :360], rtol=1e-4, atol=1e-2)
+
+
+def test_corpus_windows_pad_and_carry_the_scan_text():
+    from fmri_bench import tokenizer_train as tt
+
+    rng = np.random.default_rng(0)
+    series = [P.ParcelSeries(rng.standard_normal((n, 5)).astype(np.float32), 2.0, "yeo7", list("abcde"), f"f{i}",
+                             key=f"s{i}_run", subject=f"s{i}") for i, n in enumerate((100, 10, 330))]
+    recs = [{"scan": f"s{i}_run", "text": f"text {i}"} for i in range(3)]
+    d = tt.corpus_windows(series, recs, length=160)
+    # 100 frames: one padded window; 10 < 40 frames: none; 330: two full windows (tail dropped)
+    assert d.windows.shape == (3, 160, 5) and d.lengths.tolist() == [100, 160, 160]
+    assert d.texts == ["text 0", "text 2", "text 2"] and d.subjects == ["s0", "s2", "s2"]
+    assert (d.windows[0, 100:] == 0).all()

@@ -205,3 +205,65 @@ def test_shipped_configs_load(name):
     if cfg.preset == "paper":
         assert (mcfg.embed_dim, mcfg.depth, mcfg.num_heads, mcfg.codebook_size, mcfg.code_dim) == (384, 12, 6, 8192, 128)
         assert mcfg.siglip_temperature == 0.125 and mcfg.adv_weight == 0.5 and mcfg.ema_decay == 0.99
+
+
+def test_padding_is_left_out_of_the_reconstruction_loss(one_thread):
+    """Windows padded at the end (lengths): what sits in the padding changes neither the
+    reconstruction loss nor the pooled embedding's input tokens."""
+    torch.manual_seed(0)
+    m = NeuralTokenizer(tokenizer_config("tiny", **SMALL)).eval()
+    x = torch.randn(2, 32, 12)
+    y = x.clone()
+    y[:, 16:] = 100.0  # only the padding differs; the encoder still sees it, so compare masks
+    lengths = torch.tensor([16, 16])
+    w = m.token_weight(lengths, 2)[..., 0]
+    assert w.shape == (2, 48) and w.sum() == 2 * 12 * 2  # 2 of 4 time patches per parcel are real
+    fm = m.frame_mask(lengths, 2)
+    assert fm[:, :16].all() and not fm[:, 16:].any()
+    out = m(x, lengths=lengths)
+    manual = ((out.recon - x)[:, :16] ** 2).mean()
+    assert torch.allclose(out.losses["recon"], manual, atol=1e-6)
+    assert not torch.allclose(m(x).losses["recon"], manual)
+
+
+def test_text_centre_removes_common_component(one_thread):
+    """Anisotropic text states (a shared component dominating): centred on the training mean,
+    their projections are no longer all alike, so the soft SigLIP targets are not all ~1."""
+    torch.manual_seed(0)
+    m = NeuralTokenizer(tokenizer_config("tiny", **SMALL))
+    states = 50 * torch.randn(1, 16) + torch.randn(20, 16)
+    t = m.align.embed_text(states)
+    before = (t @ t.T)[~torch.eye(20, dtype=torch.bool)].mean()
+    m.align.set_text_centre(states)
+    t = m.align.embed_text(states)
+    after = (t @ t.T)[~torch.eye(20, dtype=torch.bool)].mean()
+    assert before > 0.9 and after.abs() < 0.2
+
+
+def test_mae_tokenizer_training_on_precomputed_features(tmp_path, one_thread):
+    """train_mae_tokenizer lowers the feature reconstruction below the training-mean yardstick's
+    start, leaves the MAE untouched, and evaluate_mae_tokenizer retrieves by scan."""
+    from fmri_bench.models.mae import MaskedAutoencoderViT, preset_config
+    from fmri_bench.models.tokenizer import MAEFeatures, MAETokenizer
+
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(preset_config("mae_vit_tiny", img_size=(16, 32), num_frames=16, depth=1, decoder_depth=1))
+    feats = MAEFeatures(mae)
+    before = {k: v.clone() for k, v in mae.state_dict().items()}
+    g = np.random.default_rng(0)
+    patch = g.standard_normal((12, 8, feats.dim)).astype(np.float32)
+    brain = np.ones((12, 8), bool)
+    brain[:, -2:] = False
+    patch[~brain] = 0
+    cf = tt.ClipFeatures(patch, brain, [f"s{i // 2}_r" for i in range(12)], [f"s{i // 2}" for i in range(12)])
+    tok = MAETokenizer(feats, tokenizer_config("tiny", **{**SMALL, "llm_dim": 16}))
+    states, words = torch.randn(12, 16), torch.randn(30, 16)
+    hist = tt.train_mae_tokenizer(tok, cf, np.arange(8), states, words, steps=30, batch_size=4, lr=3e-3)
+    assert np.mean([h["recon"] for h in hist[-5:]]) < np.mean([h["recon"] for h in hist[:3]])
+    assert all(torch.equal(before[k], v) for k, v in mae.state_dict().items())
+    res = tt.evaluate_mae_tokenizer(tok, cf, np.arange(8, 12), states, words)
+    assert {"recon_mse", "perplexity", "domain_acc", "top1", "chance_top1"} <= set(res)
+    assert res["chance_top1"] == 0.5  # two held-out scans, two clips each
+    y = tt.feature_yardsticks(cf, np.arange(8), np.arange(8, 12))
+    assert y["pca32"] <= y["pca8"] <= y["mean"] * 1.01
+    assert tt.scan_of_shard_key("sub-100121_rfMRI_REST1_LR_Atlas_MSMAll_b24cf2c64d") == "100121_rfMRI_REST1_LR"

@@ -211,13 +211,27 @@ class LanguageAlignment(nn.Module):
         self.domain = nn.Sequential(nn.Linear(cfg.llm_dim, cfg.adv_hidden), nn.GELU(), nn.Linear(cfg.adv_hidden, 2))
         self.fmri_proj = nn.Linear(feat_dim, cfg.align_dim)
         self.text_proj = nn.Linear(cfg.llm_dim, cfg.align_dim)
+        # mean LLM state of the training texts (set_text_centre), subtracted before text_proj
+        self.register_buffer("text_centre", torch.zeros(cfg.llm_dim))
 
-    def adversarial(self, feats: torch.Tensor, words: torch.Tensor, strength: float, gen=None):
-        """feats (B, N, D), words (M, llm_dim) -> (loss, accuracy). Class 0 fMRI, 1 text."""
+    def set_text_centre(self, states: torch.Tensor) -> None:
+        """Centre the text states on the training texts' mean (states (n, llm_dim)).
+
+        A causal LM's last-token states are highly anisotropic: on the synthetic descriptor
+        corpus any two scans' SmolLM2 states have cosine ~0.98 (min 0.95). The soft SigLIP
+        targets sigmoid(t t^T / tau) are then ~1 for every pair, so the loss asks every fMRI
+        window to match every text and retrieval cannot rise above chance; centred, the mean
+        cosine is ~0."""
+        self.text_centre.copy_(states.mean(0).to(self.text_centre))
+
+    def adversarial(self, feats: torch.Tensor, words: torch.Tensor, strength: float, gen=None, weight=None):
+        """feats (B, N, D), words (M, llm_dim) -> (loss, accuracy). Class 0 fMRI, 1 text.
+        weight (B, N, 1): tokens with weight 0 (padding, off-brain) are never sampled."""
         b, n, _ = feats.shape
         m = words.shape[0]
-        k = min(n * b, m, 512)  # balanced sample of tokens of each kind
-        fi = torch.randperm(b * n, generator=gen)[:k].to(feats.device)
+        valid = torch.arange(b * n) if weight is None else torch.nonzero(weight.reshape(-1).cpu() > 0).flatten()
+        k = min(len(valid), m, 512)  # balanced sample of tokens of each kind
+        fi = valid[torch.randperm(len(valid), generator=gen)[:k]].to(feats.device)
         wi = torch.randperm(m, generator=gen)[:k].to(feats.device)
         f = self.to_llm(feats.reshape(b * n, -1)[fi])
         x = torch.cat([f, words[wi].to(f.dtype)])
@@ -236,7 +250,7 @@ class LanguageAlignment(nn.Module):
         """Add the language-consistency terms that apply (domain-adversarial when ``word_embeds``
         are given, soft SigLIP when ``text_states`` are) to ``losses`` -> ``total`` with them."""
         if word_embeds is not None and cfg.adv_weight:
-            adv, acc = self.adversarial(feats, word_embeds, grl, gen)
+            adv, acc = self.adversarial(feats, word_embeds, grl, gen, weight)
             losses["adv"], losses["domain_acc"] = adv, acc.detach()
             total = total + cfg.adv_weight * adv
         if text_states is not None and cfg.siglip_weight:
@@ -246,7 +260,7 @@ class LanguageAlignment(nn.Module):
         return total
 
     def embed_text(self, states: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(states), dim=-1)
+        return F.normalize(self.text_proj(states - self.text_centre), dim=-1)
 
 
 class NeuralTokenizer(nn.Module):
@@ -300,17 +314,38 @@ class NeuralTokenizer(nn.Module):
         h = self.dec_embed(q) + self._pos(self.dec_parcel_pos, self.dec_time_pos)
         return self.unpatchify(self.head(self.decoder(h)))
 
+    def frame_mask(self, lengths: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """lengths (B,) real frames of each window (None: all) -> (B, T, 1) float, 1 on real frames."""
+        t = torch.arange(self.config.n_frames)
+        if lengths is None:
+            return torch.ones(batch, self.config.n_frames, 1)
+        return (t[None, :] < torch.as_tensor(lengths).reshape(-1, 1)).float().unsqueeze(-1)
+
+    def token_weight(self, lengths: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """(B, N, 1) float: 1 for a token whose time patch holds at least one real frame, else 0."""
+        c = self.config
+        start = torch.arange(c.n_time_patches) * c.patch_len
+        lengths = torch.full((batch,), c.n_frames) if lengths is None else torch.as_tensor(lengths).reshape(-1)
+        w = (start[None, :] < lengths[:, None]).float()  # (B, n_t)
+        return w[:, None, :].expand(batch, c.n_parcels, c.n_time_patches).reshape(batch, -1, 1)  # parcel-major
+
     def forward(self, x: torch.Tensor, text_states: torch.Tensor | None = None,
-                word_embeds: torch.Tensor | None = None, grl: float = 1.0, gen=None) -> TokenizerOutput:
+                word_embeds: torch.Tensor | None = None, grl: float = 1.0, gen=None,
+                lengths: torch.Tensor | None = None) -> TokenizerOutput:
         """x (B, T, R); text_states (B, llm_dim) of each window's descriptor (or None);
-        word_embeds (M, llm_dim) LLM input embeddings of descriptor tokens (or None)."""
+        word_embeds (M, llm_dim) LLM input embeddings of descriptor tokens (or None); lengths (B,)
+        real frames of each window (``parcels.model_windows`` pads short runs at the end): the
+        reconstruction loss covers real frames only, and tokens of all-padding patches are left
+        out of the pooled embedding and the domain classifier's sample (None: no padding)."""
         feats = self.encode(x)
         q, idx, commit = self.quantiser(feats)
         recon = self.decode(q)
-        rec = F.mse_loss(recon, x)
+        m = self.frame_mask(lengths, len(x)).to(x.device)
+        rec = (((recon - x) ** 2) * m).sum() / (m.sum() * x.shape[2]).clamp_min(1)
         losses = {"recon": rec, "commit": commit}
+        w = None if lengths is None else self.token_weight(lengths, len(x)).to(x.device)
         losses["total"] = self.align.add_losses(self.config, losses, rec + commit, feats, text_states, word_embeds,
-                                                grl, gen)
+                                                grl, gen, weight=w)
         return TokenizerOutput(q, idx, recon, feats, losses)
 
 
@@ -335,6 +370,11 @@ class MAETokenizer(nn.Module):
 
     def forward(self, clips, mask, text_states=None, word_embeds=None, grl: float = 1.0, gen=None) -> TokenizerOutput:
         feats, brain = self.features(clips, mask)
+        return self.tokenize(feats, brain, text_states, word_embeds, grl, gen)
+
+    def tokenize(self, feats, brain, text_states=None, word_embeds=None, grl: float = 1.0, gen=None) -> TokenizerOutput:
+        """Precomputed frozen patch features (B, L, D) and brain (B, L) bool -> TokenizerOutput
+        (the MAE is frozen, so its features can be computed once per clip)."""
         q, idx, commit = self.quantiser(feats)
         recon = self.dec(q)
         w = brain.unsqueeze(-1).float()
