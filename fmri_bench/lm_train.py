@@ -32,6 +32,7 @@ import torch
 from fmri_bench.config import read_config, warmup_cosine
 from fmri_bench.errors import InputError
 from fmri_bench.fmri_lm import FmriLM, fmri_lm_config, time_major, tokenizer_inputs
+from fmri_bench.models.mae import check_keys
 from fmri_bench.paths import atomic_save
 from fmri_bench.rundir import RunDir, read_metrics, rng_state, set_rng_state
 
@@ -83,7 +84,7 @@ class LMTrainConfig:
 
     def __post_init__(self):
         if isinstance(self.data, dict):
-            _check_keys(self.data, LMDataConfig, "data config")
+            check_keys(self.data, LMDataConfig, what="data config")
             self.data = LMDataConfig(**self.data)
         if not isinstance(self.model_overrides, dict) or not isinstance(self.tokenizer_overrides, dict):
             raise InputError("model_overrides and tokenizer_overrides must be mappings")
@@ -95,20 +96,11 @@ class LMTrainConfig:
         return dataclasses.asdict(self)
 
 
-def _check_keys(d, cls, what, source=None):
-    if not isinstance(d, dict):
-        raise InputError(f"{what} must be a mapping", source)
-    names = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(d) - names)
-    if bad:
-        raise InputError(f"unknown {what} key(s) {', '.join(map(repr, bad))} (known: {', '.join(sorted(names))})", source)
-
-
 def load_config(path=None, overrides=()) -> LMTrainConfig:
     """YAML file (or defaults) + ``key=value`` overrides (dotted keys, YAML values)."""
     d = read_config(path, overrides)
     src = None if path is None else os.fspath(path)
-    _check_keys(d, LMTrainConfig, "fMRI-LM train config", src)
+    check_keys(d, LMTrainConfig, src, what="fMRI-LM train config")
     cfg = LMTrainConfig(**d)
     fmri_lm_config(cfg.preset, **cfg.model_overrides)  # fail now on a bad model key
     return cfg
