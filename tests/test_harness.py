@@ -325,6 +325,21 @@ def test_compare_sentence_reads_the_intervals():
     assert "the MAE's interval holds chance (20.0 %)" in harness.compare_sentence(recs, "state21")
 
 
+def test_chance_sentence_counts_only_intervals_clear_of_chance():
+    from fmri_bench.results import summarize
+
+    recs = [summarize("sex rest->task", "fc", [0.70, 0.72, 0.74, 0.76], chance=0.5),
+            summarize("sex task->rest", "mae cls", [0.40, 0.60, 0.45, 0.55], chance=0.5),  # mean 0.5, holds chance
+            summarize("sex rest->task, per run", "mae avg_patch", [0.45, 0.75, 0.55, 0.65], chance=0.5),  # mean > 0.5
+            summarize("sex rest->task", "chance", [0.5], chance=0.5),
+            summarize("sex (truth)", "true connectome", [0.85, 0.87, 0.89], chance=0.5)]
+    text = harness.chance_sentence(recs, "sex")
+    assert text.startswith("sex: 1 of 3 rows lie above chance (50.0 %) with their whole interval: fc 73.0 % ["), text
+    assert "mae" not in text and "true connectome reaches 87.0 %" in text
+    recs[0] = summarize("sex rest->task", "fc", [0.45, 0.55, 0.50, 0.52], chance=0.5)
+    assert harness.chance_sentence(recs, "sex").startswith("sex: no row's interval lies above chance (50.0 %); all 3")
+
+
 # --- CLI --------------------------------------------------------------------------------------
 def test_cli_probe_writes_results(cohort, tmp_path, capsys):
     ckpt = tiny_mae(tmp_path / "m.pt")

@@ -8,8 +8,8 @@ shared splits), ``plots`` (what the chapters draw). Records and their one table 
 
 from fmri_bench.harness.datasets import Dataset, RunInfo, cohort_shards, load_dataset, run_identity, scan_runs
 from fmri_bench.harness.evaluate import (
-    BASELINES, DEFAULT_ATLAS, METHODS, Benchmark, benchmark, compare_sentence, method_inputs, trait_truth,
-    write_benchmark,
+    BASELINES, DEFAULT_ATLAS, METHODS, Benchmark, benchmark, chance_sentence, compare_sentence, method_inputs,
+    trait_truth, write_benchmark,
 )
 from fmri_bench.harness.features import (
     EncoderExtractor, OracleExtractor, ParcelExtractor, extract, load_encoder, pixel_parcels_for,
@@ -21,7 +21,7 @@ from fmri_bench.harness.tasks import CLIP_LEN, TASKS, TRAITS, Clips, class_map, 
 __all__ = [
     "BASELINES", "CLIP_LEN", "class_accuracy", "DEFAULT_ATLAS", "METHODS", "TASKS", "TRAITS", "Benchmark", "Clips", "Dataset",
     "EncoderExtractor", "OracleExtractor", "ParcelExtractor", "RunInfo", "benchmark", "class_map",
-    "cohort_shards", "compare_sentence", "confusion", "extract", "load_dataset", "load_encoder",
+    "chance_sentence", "cohort_shards", "compare_sentence", "confusion", "extract", "load_dataset", "load_encoder",
     "method_inputs", "pixel_parcels_for", "plot_class_maps", "plot_confusion", "plot_scores", "run_identity",
     "scan_runs", "splits_for", "task_clips", "token_evidence", "trait_truth", "trait_folds",
     "true_condition_templates", "untrained_encoder", "write_benchmark",

@@ -395,3 +395,34 @@ def compare_sentence(records: list[Record], task_prefix: str = "") -> str:
     if m.chance is not None and m_lo <= m.chance:
         text += f"; the MAE's interval holds chance ({100 * m.chance:.1f} %)"
     return f"{text}; {unit}."
+
+
+def chance_sentence(records: list[Record], task_prefix: str = "") -> str:
+    """One sentence naming the rows whose 95 % CI lies wholly above chance (derived from the
+    intervals, not written by hand), best first; the chance rows and the ground-truth reference
+    rows are left out of the count but the truth is quoted beside it when there is one."""
+    rows = [r for r in records if r.task.startswith(task_prefix) and math.isfinite(r.mean)
+            and r.chance is not None and r.method != "chance" and "(truth)" not in r.task]
+    if not rows:
+        return f"Nothing to read for {task_prefix or 'these rows'}: no row with a chance level."
+    above = sorted((r for r in rows if _interval(r)[0] > r.chance), key=lambda r: -r.mean)
+    truth = next((r for r in records if r.task.startswith(task_prefix) and "(truth)" in r.task), None)
+
+    def say(r):
+        lo, hi = _interval(r)
+        ci = f" [{100 * lo:.1f}, {100 * hi:.1f}]" if r.n > 1 and hi > lo else ""
+        return f"{r.method} {100 * r.mean:.1f} %{ci} ({r.task.removeprefix(task_prefix).strip()})"
+
+    chance = sorted({round(100 * r.chance, 1) for r in rows})
+    level = " / ".join(f"{c:.1f} %" for c in chance)
+    if above:
+        shown = "; ".join(say(r) for r in above[:4]) + ("; ..." if len(above) > 4 else "")
+        text = (f"{task_prefix}: {len(above)} of {len(rows)} rows lie above chance ({level}) with their whole "
+                f"interval: {shown}; every other row's interval holds chance")
+    else:
+        text = f"{task_prefix}: no row's interval lies above chance ({level}); all {len(rows)} hold it"
+    if truth is not None:
+        lo, hi = _interval(truth)
+        text += f". The logistic on the true connectome reaches {100 * truth.mean:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+    unit = "synthetic data" if rows[0].source == "synthetic" else rows[0].source
+    return f"{text} ({rows[0].metric}, 95 % CIs, {unit})."
