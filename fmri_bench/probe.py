@@ -444,8 +444,8 @@ class TraitResult:
 
 def trait_logistic(features, y, subjects, families=None, q: int | None = None, n_splits: int = 20,
                    test_frac: float = 0.2, n_folds: int = 5, n_Cs: int = 10, train_mask=None,
-                   test_mask=None, seed: int = 0, max_iter: int = 2000,
-                   trait: str = "trait", exclude=None) -> TraitResult:
+                   test_mask=None, seed: int = 0, max_iter: int = 1000,
+                   trait: str = "trait", exclude=None, n_jobs: int | None = -1) -> TraitResult:
     """Logistic-regression trait decoding over subject-disjoint, family-grouped re-splits.
 
     features: (N, D) embedded once; y: (N,) trait per clip (class labels, or continuous values
@@ -454,6 +454,9 @@ def trait_logistic(features, y, subjects, families=None, q: int | None = None, n
     held-out subjects. Each split: C chosen by ``n_folds``-fold family-grouped CV on train
     (balanced accuracy), then balanced accuracy on the held-out subjects. ``exclude``: subjects
     (the encoder's pretraining subjects) whose families are only ever trained on, never tested.
+    ``max_iter`` 1000 as Brainmarks' logistic evaluation (``default_logistic.yaml``: 5 folds,
+    10 C values, max_iter 1000); ``n_jobs``: the CV folds x C values run in parallel (-1: every
+    core; the result does not depend on it).
     """
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import balanced_accuracy_score
@@ -514,7 +517,7 @@ def trait_logistic(features, y, subjects, families=None, q: int | None = None, n
             n_classes = len(np.unique(y[tr]))
         folds = list(GroupKFold(n_folds).split(X[tr], groups=families[tr]))
         clf = make_pipeline(StandardScaler(), LogisticRegressionCV(
-            Cs=n_Cs, cv=folds, scoring="balanced_accuracy", max_iter=max_iter, **lr_kw))
+            Cs=n_Cs, cv=folds, scoring="balanced_accuracy", max_iter=max_iter, n_jobs=n_jobs, **lr_kw))
         with warnings.catch_warnings():
             # folds missing a rare class warn in balanced_accuracy; the CV mean still ranks C
             warnings.simplefilter("ignore", UserWarning)

@@ -260,6 +260,14 @@ def test_traits_and_identify_benchmark(data, tmp_path):
     ident = harness.benchmark("identify", data, methods=("mae", "chance"), checkpoint=ckpt)
     assert [r.method for r in ident.records] == ["mae cls", "mae avg_patch", "chance"]
     assert ident.records[0].n == 8 and len(ident.records[0].values) == 8  # one hit rate per subject
+    # identification reuses the encoder's features of the trait clips (its rest clips are among them)
+    # and extracts only what is missing (the parcels, on its own atlas): the same numbers as fresh
+    kw = dict(methods=("mae", "fc"), checkpoint=ckpt, representations=("avg_patch",), atlas=quadrant_parcels())
+    fresh = harness.benchmark("identify", data, **kw)
+    reused = harness.benchmark("identify", data, features={"mae": sex.features["mae"]}, **kw)
+    assert [(r.method, r.mean, r.values) for r in reused.records] == [(r.method, r.mean, r.values) for r in fresh.records]
+    with pytest.raises(InputError, match="'mae' features given do not hold the clips of task 'identify'"):
+        harness.benchmark("identify", data, features={"mae": sex.features["mae"].subset(np.arange(5))}, **kw)
 
 
 def test_identify_finds_planted_fingerprints(tmp_path):

@@ -170,9 +170,11 @@ def benchmark(task: str, data: Dataset | str | Path | None = None, methods=("mae
     methods: any of METHODS ("mae" needs ``checkpoint``; depth0 / random_init take its
     architecture, else ``config``, else the tiny preset). seeds: number of subject-disjoint
     re-splits (state21, traits) and probe seeds. probe_cfg: the state probe grid; n_Cs: C values
-    of the trait logistic CV. keep_features: keep the features on the result (with the MAE's
-    patch tokens, for the chapters' maps); features: a previous Benchmark's features of the
-    same clips (the three traits share theirs), reused instead of a new pass. hrf_delay (s):
+    of the trait logistic CV. keep_features: keep the features on the result (for state tasks
+    with the MAE's patch tokens, for the chapters' maps); features: a previous Benchmark's features of the
+    same clips or of more clips (the three traits share theirs; identification takes the
+    encoders' features of the trait clips' rest runs), reused instead of a new pass; a method
+    whose features are not given is extracted in one pass (e.g. ``parcels`` on another atlas). hrf_delay (s):
     state21 clips start this long after the event onset (default 0, clips at the onset; the
     rows are then named ``state21 +<delay> s``). pretrained_on: the subjects the encoder was
     pretrained on, kept out of every evaluation (see the module docstring); "auto" reads them
@@ -209,13 +211,14 @@ def benchmark(task: str, data: Dataset | str | Path | None = None, methods=("mae
         if m in methods:
             encoders[m] = untrained_encoder(m, config, seed)
     reps = tuple(representations)
-    if features is None:
-        features = _extract_for(task, clips, data, methods, encoders, reps, atlas, keep_features, batch_size)
-    feats = features
     needed = set(encoders) | ({"parcels"} if {"fc", "parcel_mlp"} & set(methods) else set())
-    if needed - set(feats) or any(not np.array_equal(f.keys, clips.ids) for f in feats.values()):
-        raise InputError(f"the features given do not hold the clips and methods of task {task!r} "
-                         f"(need {sorted(needed)}, have {sorted(feats)})")
+    if features is None:
+        feats = _extract_for(task, clips, data, methods, encoders, reps, atlas, keep_features, batch_size)
+    else:
+        feats = {name: _select(f, clips.ids, name, task) for name, f in features.items()}
+        if needed - set(feats):  # only what is missing takes a pass over the shards
+            feats.update(_extract_for(task, clips, data, methods, encoders, reps, atlas, keep_features,
+                                      batch_size, only=needed - set(feats)))
     source = "synthetic" if data.synthetic else "real"
     if kind == "state":
         label = task if not hrf_delay else f"{task} +{hrf_delay:g} s"
@@ -231,18 +234,33 @@ def benchmark(task: str, data: Dataset | str | Path | None = None, methods=("mae
                      time.perf_counter() - t0)
 
 
-def _extract_for(task, clips, data, methods, encoders, reps, atlas, keep_features, batch_size):
-    """Every method's features for one task (parcels, oracle templates where they apply)."""
+def _select(f, ids: np.ndarray, name: str, task: str):
+    """The rows of Features ``f`` for clips ``ids``, in that order (InputError if any is missing)."""
+    if np.array_equal(f.keys, ids):
+        return f
+    where = {k: i for i, k in enumerate(f.keys)}
+    missing = [k for k in ids if k not in where]
+    if missing:
+        raise InputError(f"the {name!r} features given do not hold the clips of task {task!r} "
+                         f"({len(missing)} of {len(ids)} missing, e.g. {missing[0]!r})")
+    return f.subset(np.asarray([where[k] for k in ids]))
+
+
+def _extract_for(task, clips, data, methods, encoders, reps, atlas, keep_features, batch_size, only=None):
+    """Every method's features for one task (parcels, oracle templates where they apply); ``only``:
+    the extractor names to run (default all)."""
     extractors = {}
     for name, model in encoders.items():
-        extra = ("patch",) if keep_features and name == "mae" else ()
+        extra = ("patch",) if keep_features and name == "mae" and TASKS[task] == "state" else ()
         extractors[name] = EncoderExtractor(model, (*reps, *extra))
-    if {"fc", "parcel_mlp"} & set(methods):
+    if {"fc", "parcel_mlp"} & set(methods) and (only is None or "parcels" in only):
         parcels = pixel_parcels_for(data, atlas or DEFAULT_ATLAS[task]) if atlas is None or isinstance(atlas, str) \
             else np.asarray(atlas)
         extractors["parcels"] = ParcelExtractor(parcels)
     if TASKS[task] == "state" and data.synthetic:
         extractors["oracle"] = OracleExtractor(true_condition_templates(clips, data.cohort))
+    if only is not None:
+        extractors = {k: v for k, v in extractors.items() if k in only}
     return extract(clips, data, extractors, batch_size)
 
 
