@@ -134,8 +134,8 @@ def _add_bench_args(p) -> None:
     # names checked by fmri_bench.harness (InputError, exit 2): building the parser imports no torch
     p.add_argument("--task", required=True, help="state21 | sex | age | fluid_iq | identify")
     p.add_argument("--data", default=None,
-                   help="simulated cohort or directory of flat-map shards with participants.tsv "
-                        "(default: the smoke synthetic cohort)")
+                   help="simulated cohort or directory of flat-map shards with participants.tsv, or a "
+                        "dataset name from `fmri-bench data list` (default: the smoke synthetic cohort)")
     p.add_argument("--out", default=None, help="results JSON (a markdown table is written beside it)")
     p.add_argument("--seeds", type=int, default=5,
                    help="subject-disjoint re-splits / probe seeds (default 5; identify: bootstrap CI instead)")
@@ -303,9 +303,28 @@ def _run_ask(args) -> int:
     return 0
 
 
+# --- data ------------------------------------------------------------------------------------
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="the dataset catalogue (data/datasets.yaml): what is present here")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    ls = dsub.add_parser("list", help="every catalogued dataset: present or not, size, what uses it")
+    ls.add_argument("--json", action="store_true", help="machine-readable rows instead of the table")
+    ls.set_defaults(func=_run_data_list)
+
+
+def _run_data_list(args) -> int:
+    import json
+
+    from fmri_bench.catalog import format_listing, listing
+
+    rows = listing()
+    print(json.dumps(rows, indent=1) if args.json else format_listing(rows))
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 _COMMANDS = [_add_flatten, _add_book, _add_pretrain, _add_simulate, _add_probe, _add_baseline, _add_parcellate,
-             _add_describe, _add_tokenizer, _add_lm, _add_ask]
+             _add_describe, _add_tokenizer, _add_lm, _add_ask, _add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

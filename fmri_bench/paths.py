@@ -3,8 +3,10 @@
 - ``cache_dir()``: derived, reproducible artefacts (flat-map operators, dequantised models).
   ``$FMRI_BENCH_CACHE`` if set, else ``<checkout>/.cache`` when running from a source
   checkout, else ``~/.cache/fmri_bench``.
-- ``data_dir()``: generated datasets (the synthetic cohort, shards). ``$FMRI_BENCH_DATA`` if
-  set, else ``cache_dir() / "data"``.
+- ``data_dir()``: datasets (the synthetic cohorts, shards, models, your own data by link; the
+  catalogue is ``data/datasets.yaml``, see ``fmri_bench.catalog``). ``$FMRI_BENCH_DATA`` if
+  set; else ``cache_dir() / "data"`` when ``$FMRI_BENCH_CACHE`` is set or when installed; else
+  ``<checkout>/data``.
 - ``package_data(name)``: small committed assets shipped inside the package.
 - ``atomic_save(save, path)``: every file the package writes goes through it (temporary file in
   the same directory, then rename), so a crash never leaves a half-written file.
@@ -39,7 +41,12 @@ def cache_dir() -> Path:
 
 def data_dir() -> Path:
     env = os.environ.get("FMRI_BENCH_DATA")
-    path = Path(env) if env else cache_dir() / "data"
+    if env:
+        path = Path(env)
+    elif os.environ.get("FMRI_BENCH_CACHE") or checkout_root() is None:
+        path = cache_dir() / "data"  # a relocated cache keeps its datasets with it
+    else:
+        path = checkout_root() / "data"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

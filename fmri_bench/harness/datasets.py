@@ -119,13 +119,16 @@ class Dataset:
 def load_dataset(path=None, progress: bool = False) -> Dataset:
     """A simulated cohort (flattened into shards once, cached) or a directory of shards.
 
-    path None: the smoke cohort (``synth.ensure_cohort("smoke")``). A shard directory is searched
+    path None: the smoke cohort (``synth.ensure_cohort("smoke")``); a name from the dataset
+    catalogue (``data/datasets.yaml``, e.g. ``synth-book``) is its directory. A shard directory is searched
     recursively for ``*.tar``; ``participants.tsv`` (subject, sex, age, fluid_iq, family_id) is
     read from it or its parent when present.
     """
     from fmri_bench.synth import ensure_cohort
 
-    root = Path(path) if path is not None else ensure_cohort("smoke", seed=0)
+    from fmri_bench.catalog import resolve
+
+    root = resolve(path) if path is not None else ensure_cohort("smoke", seed=0)
     if not root.exists():
         raise InputError("data directory not found", root)
     if (root / "ground_truth.json").is_file() and (root / "shards").is_dir():  # streamed cohort
