@@ -19,6 +19,7 @@ import functools
 import gzip
 import hashlib
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -670,7 +671,7 @@ def read_events(path) -> pd.DataFrame:
 def find_events(path) -> Path | None:
     """Events next to a run, when there are any: an HCP ``EVs/`` directory beside the file, or
     the BIDS ``*_events.tsv`` of the same run (entities up to ``_space-`` / ``_desc-`` / the
-    suffix)."""
+    suffix), else one named with every entity of the run, ``_space-`` included."""
     path = Path(path)
     if (path.parent / "EVs").is_dir():
         return path.parent / "EVs"
@@ -679,7 +680,13 @@ def find_events(path) -> Path | None:
         if cut in stem:
             stem = stem[: stem.index(cut)]
     cand = path.parent / f"{stem}_events.tsv"
-    return cand if stem != path.name and cand.is_file() else None
+    if stem != path.name and cand.is_file():
+        return cand
+    # the same entities as the run, space included (some derivatives name their events that way)
+    full = re.sub(r"_bold(\.func\.gii|\.nii\.gz|\.nii)$", "_events.tsv", path.name)
+    full = re.sub(r"_hemi-[LR]", "", full)
+    cand = path.parent / full
+    return cand if full != path.name and cand.is_file() else None
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -117,18 +117,20 @@ class Dataset:
 
 
 def load_dataset(path=None, progress: bool = False) -> Dataset:
-    """A simulated cohort (flattened into shards once, cached) or a directory of shards.
+    """A simulated cohort (flattened into shards once, cached), a directory of shards, or an HCP /
+    fMRIPrep tree (``harness.adapters``: flattened once, participants from its behavioural CSV /
+    participants.tsv).
 
     path None: the smoke cohort (``synth.ensure_cohort("smoke")``); a name from the dataset
     catalogue (``data/datasets.yaml``, e.g. ``synth-book``) is its directory. A shard directory is searched
     recursively for ``*.tar``; ``participants.tsv`` (subject, sex, age, fluid_iq, family_id) is
     read from it or its parent when present.
     """
+    from fmri_bench.catalog import resolve
     from fmri_bench.synth import ensure_cohort
 
-    from fmri_bench.catalog import resolve
-
     root = resolve(path) if path is not None else ensure_cohort("smoke", seed=0)
+    labels = root  # where participants.tsv is looked for first
     if not root.exists():
         raise InputError("data directory not found", root)
     if (root / "ground_truth.json").is_file() and (root / "shards").is_dir():  # streamed cohort
@@ -136,11 +138,17 @@ def load_dataset(path=None, progress: bool = False) -> Dataset:
     elif (root / "ground_truth.json").is_file():
         urls, cohort = list(cohort_shards(root, progress=progress).values()), root
     else:
+        from fmri_bench.harness.adapters import detect_layout, real_shards
+
         urls, cohort = sorted(str(p) for p in root.rglob("*.tar")), None
+        if not urls and detect_layout(root) is not None:  # an HCP or fMRIPrep tree: flattened once
+            labels = real_shards(root, progress=progress)
+            urls = sorted(str(p) for p in labels.rglob("*.tar"))
         if not urls:
-            raise InputError("no flat-map shards (*.tar) and no simulated cohort here", root)
+            raise InputError("no flat-map shards (*.tar), no HCP or fMRIPrep runs and no simulated cohort here",
+                             root)
     participants = None
-    for cand in (root / "participants.tsv", root.parent / "participants.tsv"):
+    for cand in (labels / "participants.tsv", root / "participants.tsv", root.parent / "participants.tsv"):
         if cand.is_file():
             participants = pd.read_csv(cand, sep="\t", dtype={"subject": str, "family_id": str})
             break
