@@ -303,6 +303,37 @@ def _run_ask(args) -> int:
     return 0
 
 
+# --- reproduce -------------------------------------------------------------------------------
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="make every results table (or some) with its provenance")
+    p.add_argument("--profile", default="book", choices=["smoke", "book", "paper"],
+                   help="smoke: CI sizes; book: the chapters' sizes on a CPU (default); paper: the papers' sizes on GPUs")
+    p.add_argument("--only", nargs="+", default=None, metavar="TABLE",
+                   help="tables (ch04_state_decoding) or chapters (04) to make; default all")
+    p.add_argument("--data", default=None, help="dataset name or path (paper: shards with train/ and val/)")
+    p.add_argument("--out", default=None, help="output folder (default book/: results/, notebooks/, provenance.json)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated compute, run nothing")
+    p.add_argument("--force", action="store_true", help="paper profile: run even without a GPU")
+    p.add_argument("--gpus", type=int, default=1, help="paper profile: GPUs for torchrun (default 1)")
+    p.set_defaults(func=_run_reproduce)
+
+
+def _run_reproduce(args) -> int:
+    from fmri_bench.book import NotebookError
+    from fmri_bench.reproduce import reproduce
+
+    try:
+        rec = reproduce(args.profile, args.only, args.out, args.data, dry_run=args.dry_run, force=args.force,
+                        gpus=args.gpus)
+    except NotebookError as err:
+        print(f"fmri-bench reproduce: {err}", file=sys.stderr)
+        return 1
+    if not args.dry_run:
+        tables = [t for c in rec["chapters"] for t in c["tables"]]
+        print(f"tables={len(tables)} seconds={rec['seconds']} commit={rec['commit']}")
+    return 0
+
+
 # --- data ------------------------------------------------------------------------------------
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="the dataset catalogue (data/datasets.yaml): what is present here")
@@ -324,7 +355,7 @@ def _run_data_list(args) -> int:
 
 # --- entry point -----------------------------------------------------------------------------
 _COMMANDS = [_add_flatten, _add_book, _add_pretrain, _add_simulate, _add_probe, _add_baseline, _add_parcellate,
-             _add_describe, _add_tokenizer, _add_lm, _add_ask, _add_data]
+             _add_describe, _add_tokenizer, _add_lm, _add_ask, _add_data, _add_reproduce]
 
 
 def build_parser() -> argparse.ArgumentParser:
