@@ -60,6 +60,8 @@ def _add_book(sub) -> None:
     p.add_argument("--notebooks", default=None, help="directory of source notebooks (default notebooks/)")
     p.add_argument("--out", default=None,
                    help="directory for executed notebooks and results (default book/; the HTML build needs it)")
+    p.add_argument("--no-browser-check", action="store_true",
+                   help="skip loading the built pages in headless Chromium (run when a browser is present)")
     p.set_defaults(func=_run_book)
 
 
@@ -79,11 +81,30 @@ def _run_book(args) -> int:
         runs = run_notebooks(args.profile, notebooks, out_dir=args.out, only=args.only)
         print(f"{len(runs)} notebooks executed in {sum(r.seconds for r in runs):.1f} s ({args.profile})")
         if not args.no_build:
-            build_book(strict=args.strict)
+            index = build_book(strict=args.strict)
+            if not args.no_browser_check:
+                return _browser_check(Path(index).parent)
     except NotebookError as err:
         print(f"fmri-bench book: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _browser_check(html) -> int:
+    from fmri_bench.book import book_dir
+    from fmri_bench.bookcheck import chapter_pages, check_site, find_browser
+
+    browser = find_browser()
+    if browser is None:
+        print("browser check SKIPPED: no chromium / chromedriver on PATH "
+              "(apt-get install chromium chromium-driver to run it)", flush=True)
+        return 0
+    pages = chapter_pages(book_dir())
+    problems = check_site(html, pages, browser)
+    for p in problems:
+        print(f"fmri-bench book: browser check: {p.line()}", file=sys.stderr)
+    print(f"browser check: {len(pages) + 1} pages in {browser[0]}, {len(problems)} problems", flush=True)
+    return 1 if problems else 0
 
 
 # --- pretrain --------------------------------------------------------------------------------
