@@ -464,6 +464,9 @@ def build_book(source: str | os.PathLike | None = None, config: str | os.PathLik
     if not list((source / "notebooks").glob("*.ipynb")):
         print(f"warning: no executed notebooks in {source / 'notebooks'}; the book has only prose pages",
               flush=True)
+    from fmri_bench.results_page import write_page
+
+    write_page(source / "results", source / "results.md")  # the papers' tables beside ours
     # --path-output: without it jupyter-book writes _build/ next to the _config.yml it finds.
     cmd = _jupyter_book_command() + ["build", str(source), "--config", str(config), "--toc", str(toc),
                                      "--path-output", str(source)]
