@@ -105,3 +105,36 @@ def test_a_tree_with_no_runs_is_one_clear_error(tmp_path, capsys):
     assert main(["baseline", "fc", "--task", "sex", "--data", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no flat-map shards (*.tar), no HCP or fMRIPrep runs" in err and str(tmp_path / "empty") in err
+
+
+def test_published_flatmap_shards_in_the_upstream_layout(tmp_path, capsys):
+    """Samples keyed and described as the upstream HCP-Flat shards (``sub-..._mod-rfMRI_task-REST1_
+    mag-3T_dir-LR``, meta sub / mod / task / mag / dir / n_frames, no TR: upstream resamples to
+    1 s) are read as they are: subjects and sessions from the keys, traits from participants.tsv."""
+    import numpy as np
+
+    from fmri_bench.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((16, 40), bool)
+    mask[2:14, 2:38] = True
+    P = int(mask.sum())
+    subjects = [str(100300 + i) for i in range(6)]
+    with ShardWriter(tmp_path / "hcp-flat", shard_size=4, prefix="hcp-flat") as w:
+        for s in subjects:
+            for ses in ("REST1", "REST2"):
+                bold = rng.normal(size=(32, P)).astype(np.float16)
+                meta = {"sub": s, "mod": "rfMRI", "task": ses, "mag": "3T", "dir": "LR", "n_frames": 32}
+                w.write(f"sub-{s}_mod-rfMRI_task-{ses}_mag-3T_dir-LR", bold, mask, meta, [])
+    pd.DataFrame({"subject": subjects, "sex": ["F", "M"] * 3}).to_csv(tmp_path / "hcp-flat" / "participants.tsv",
+                                                                     sep="\t", index=False)
+    data = harness.load_dataset(tmp_path / "hcp-flat")
+    assert sorted({(r.subject, r.kind, r.session) for r in data.runs}) == sorted(
+        (s, "rest", ses) for s in subjects for ses in ("REST1", "REST2"))
+    quad = np.zeros(P, int) + 1 + (np.arange(P) % 4)  # 4 parcels interleaved over the pixels
+    ident = harness.benchmark("identify", data, methods=("fc",), atlas=quad)
+    assert ident.records[0].source == "real" and ident.records[0].n == 6
+    # no task runs: the state task is one line naming the folder
+    assert main(["baseline", "fc", "--task", "state21", "--data", str(tmp_path / "hcp-flat")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "state21 needs task runs with events; the data hold none" in err and "hcp-flat" in err

@@ -92,6 +92,10 @@ def test_run_identity_hcp_and_bids():
     assert harness.run_identity("x", {"subject": "9", "run": "tfMRI_WM_RL"}) == ("9", "task", "WM", "WM")
     assert harness.run_identity("sub-3_task-motor_run-1", {"entities": {"sub": "3", "task": "motor"}}) \
         == ("3", "task", "MOTOR", "MOTOR")
+    # the upstream flat-map shards (HCP-Flat): keys and meta with sub / mod / task / mag / dir
+    assert harness.run_identity("sub-100307_mod-rfMRI_task-REST1_mag-3T_dir-LR", {}) == ("100307", "rest", "REST1", None)
+    assert harness.run_identity("k", {"sub": "100307", "mod": "tfMRI", "task": "MOTOR", "dir": "RL"}) \
+        == ("100307", "task", "MOTOR", "MOTOR")
 
 
 def test_scan_and_task_clips(data):

@@ -43,19 +43,29 @@ class RunInfo:
 _HCP_RUN = re.compile(r"(rfMRI|tfMRI)_([A-Za-z0-9]+)")
 _BIDS_TASK = re.compile(r"task-([A-Za-z0-9]+)")
 _SUBJECT = re.compile(r"sub-([A-Za-z0-9]+)")
+_MOD = re.compile(r"mod-(rfMRI|tfMRI)")
 
 
 def run_identity(key: str, meta: dict) -> tuple[str | None, str, str, str | None]:
     """(subject, kind, session, paradigm) of a run from its shard meta / key.
 
-    HCP names (``rfMRI_REST1_LR``, ``tfMRI_MOTOR_RL``) or BIDS entities (``task-rest``).
+    HCP names (``rfMRI_REST1_LR``, ``tfMRI_MOTOR_RL``), the upstream flat-map shards' entities
+    (``sub-100307_mod-rfMRI_task-REST1_mag-3T_dir-LR``; meta ``sub`` / ``mod`` / ``task``) or
+    BIDS entities (``task-rest``).
     """
     ent = meta.get("entities") or {}
-    subject = meta.get("subject") or ent.get("sub")
+    subject = meta.get("subject") or meta.get("sub") or ent.get("sub")
     if subject is None:
         m = _SUBJECT.search(key)
         subject = m.group(1) if m else None
     name = f"{meta.get('run', '')} {meta.get('source', '')} {key}"
+    # the upstream flat-map shards' keys: sub-100307_mod-rfMRI_task-REST1_mag-3T_dir-LR
+    mod = meta.get("mod") or ent.get("mod") or (_MOD.search(name).group(1) if _MOD.search(name) else None)
+    task = meta.get("task") or ent.get("task") or (_BIDS_TASK.search(name).group(1) if _BIDS_TASK.search(name) else None)
+    if mod in ("rfMRI", "tfMRI") and task:
+        rest = mod == "rfMRI"
+        return str(subject) if subject else None, "rest" if rest else "task", str(task).upper(), \
+            None if rest else str(task).upper()
     m = _HCP_RUN.search(name)
     if m:
         rest = m.group(1) == "rfMRI"
