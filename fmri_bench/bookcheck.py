@@ -5,7 +5,8 @@ Out: ``Problem`` rows (page, what), empty when the book is fine. Each page is se
 local HTTP server (as GitHub Pages serves it; ``file://`` would block the search index) and
 loaded in Chromium; a page fails on
 
-- a console error (``SEVERE`` in the browser log),
+- a console error (``SEVERE`` in the browser log); an external asset that cannot be reached
+  because this machine has no network (e.g. MathJax from its CDN) is kept as an offline note,
 - an image or animation that did not load (``naturalWidth`` 0),
 - a cell that shows a traceback (``Traceback (most recent call last)`` or an ``...Error:`` line
   in an output block),
@@ -21,6 +22,7 @@ caller says clearly that the check was skipped).
 from __future__ import annotations
 
 import functools
+import re
 import http.server
 import shutil
 import threading
@@ -47,9 +49,13 @@ return Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 
 class Problem:
     page: str
     what: str
+    offline: bool = False  # an external resource this machine cannot reach (no network): a note
 
     def line(self) -> str:
-        return f"{self.page}: {self.what}"
+        return f"{self.page}: {'(offline) ' if self.offline else ''}{self.what}"
+
+
+_UNREACHABLE = ("net::ERR_NAME_NOT_RESOLVED", "net::ERR_INTERNET_DISCONNECTED", "net::ERR_ADDRESS_UNREACHABLE")
 
 
 def find_browser() -> tuple[str, str] | None:
@@ -111,9 +117,10 @@ def _internal_links(html: Path, page: Path, hrefs: list[str]) -> list[str]:
 
 
 def check_site(html: str | Path, chapters: list[str], browser: tuple[str, str] | None = None,
-               timeout: float = 30.0) -> list[Problem]:
+               timeout: float = 30.0, screenshots: str | Path | None = None) -> list[Problem]:
     """Load every page of ``chapters`` (paths relative to ``html``, e.g. ``notebooks/02_pretraining.html``)
-    in headless Chromium -> the problems found (empty: all good)."""
+    in headless Chromium -> the problems found (empty: all good). ``screenshots``: a folder for a
+    PNG of the top of each page as the browser drew it."""
     html = Path(html)
     if not (html / "index.html").is_file():
         raise InputError("no index.html: build the book first (fmri-bench book)", html)
@@ -121,7 +128,11 @@ def check_site(html: str | Path, chapters: list[str], browser: tuple[str, str] |
     if browser is None:
         raise InputError("no chromium / chromedriver on PATH (apt-get install chromium chromium-driver)")
     problems: list[Problem] = []
-    pages = ["index.html"] + [c for c in chapters if c != "index.html"]
+    root = "index.html"
+    redirect = re.search(r'http-equiv="Refresh" content="0; url=([^"]+)"', (html / root).read_text(), re.I)
+    if redirect:  # jupyter-book's index.html only forwards to the root page
+        root = redirect.group(1)
+    pages = [root] + [c for c in chapters if c != root]
     with serve(html) as base:
         driver = _driver(browser)
         driver.set_page_load_timeout(timeout)
@@ -138,13 +149,21 @@ def check_site(html: str | Path, chapters: list[str], browser: tuple[str, str] |
                     " new Promise(r => { i.onload = i.onerror = r; }))).then(done);")
                 for entry in driver.get_log("browser"):
                     # the browser asks for /favicon.ico by itself; that is not the page's request
-                    if entry.get("level") == "SEVERE" and "/favicon.ico" not in entry.get("message", ""):
-                        problems.append(Problem(rel, f"console error: {entry.get('message', '')[:200]}"))
+                    msg = entry.get("message", "")
+                    if entry.get("level") == "SEVERE" and "/favicon.ico" not in msg:
+                        # a CDN asset (MathJax) that does not resolve offline is noted, not failed:
+                        # the published book loads it; any other console error fails the page
+                        external = not msg.startswith(base) and any(e in msg for e in _UNREACHABLE)
+                        problems.append(Problem(rel, f"console error: {msg[:200]}", offline=external))
+                if screenshots is not None:
+                    Path(screenshots).mkdir(parents=True, exist_ok=True)
+                    driver.execute_script("window.scrollTo(0, 0)")
+                    driver.save_screenshot(str(Path(screenshots) / (rel.replace("/", "_") + ".png")))
                 for src in driver.execute_script(_IMAGES_JS):
                     problems.append(Problem(rel, f"image did not load: {src}"))
                 for text in driver.execute_script(_ERROR_OUTPUT_JS):
                     problems.append(Problem(rel, f"a cell shows an error: {' '.join(text.split())[:160]}"))
-                if rel != "index.html" and not driver.execute_script("return document.querySelectorAll('table').length"):
+                if rel != root and not driver.execute_script("return document.querySelectorAll('table').length"):
                     problems.append(Problem(rel, "no table rendered (a chapter ends with its results table)"))
                 nav = driver.execute_script(
                     "return Array.from(document.querySelectorAll('nav a, .bd-sidebar a')).map(a => a.href)")

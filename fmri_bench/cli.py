@@ -91,6 +91,8 @@ def _run_book(args) -> int:
 
 
 def _browser_check(html) -> int:
+    from pathlib import Path
+
     from fmri_bench.book import book_dir
     from fmri_bench.bookcheck import chapter_pages, check_site, find_browser
 
@@ -99,11 +101,14 @@ def _browser_check(html) -> int:
         print("browser check SKIPPED: no chromium / chromedriver on PATH "
               "(apt-get install chromium chromium-driver to run it)", flush=True)
         return 0
-    pages = chapter_pages(book_dir())
-    problems = check_site(html, pages, browser)
-    for p in problems:
-        print(f"fmri-bench book: browser check: {p.line()}", file=sys.stderr)
-    print(f"browser check: {len(pages) + 1} pages in {browser[0]}, {len(problems)} problems", flush=True)
+    pages = chapter_pages(book_dir()) + ["results.html"]  # the chapters and the results page
+    found = check_site(html, pages, browser, screenshots=Path(html).parent / "screenshots")
+    problems = [p for p in found if not p.offline]
+    for p in found:
+        print(f"fmri-bench book: browser check: {p.line()}", file=sys.stderr if not p.offline else sys.stdout)
+    notes = len(found) - len(problems)
+    print(f"browser check: {len(pages) + 1} pages in {browser[0]}, {len(problems)} problems"
+          + (f", {notes} external assets not reachable offline" if notes else ""), flush=True)
     return 1 if problems else 0
 
 
