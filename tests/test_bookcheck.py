@@ -73,3 +73,17 @@ def test_chapter_pages_follow_the_executed_notebooks(tmp_path):
     for name in ("01_flat_maps.ipynb", "00_cohort.ipynb"):
         (tmp_path / "notebooks" / name).write_text("{}")
     assert bookcheck.chapter_pages(tmp_path) == ["notebooks/00_cohort.html", "notebooks/01_flat_maps.html"]
+
+
+def test_build_extension_writes_each_script_once():
+    from sphinx.builders.html._assets import _JavaScript
+
+    from fmri_bench import sphinx_ext
+
+    thebe = 'const THEBE_JS_URL = "x"'
+    ctx = {"script_files": [_JavaScript("a.js"), _JavaScript(None, body=thebe), _JavaScript("b.js"),
+                            _JavaScript("", body=thebe, priority=500), _JavaScript("a.js", priority=200)]}
+    sphinx_ext._page_context(None, "p", "page.html", ctx, None)
+    assert [(s.filename or "", s.attributes.get("body", "")) for s in ctx["script_files"]] == [
+        ("a.js", ""), ("", thebe), ("b.js", "")]
+    assert ctx["default_mode"] == "light"
