@@ -138,3 +138,33 @@ def test_published_flatmap_shards_in_the_upstream_layout(tmp_path, capsys):
     assert main(["baseline", "fc", "--task", "state21", "--data", str(tmp_path / "hcp-flat")]) == 2
     err = capsys.readouterr().err.strip()
     assert "state21 needs task runs with events; the data hold none" in err and "hcp-flat" in err
+
+
+def test_fmriprep_fsaverage5_gifti_pairs(tmp_path, monkeypatch):
+    """fMRIPrep's surface outputs: *_space-fsaverage5_hemi-L/R_bold.func.gii pairs, TR from the header."""
+    import numpy as np
+
+    from fmri_bench import io
+
+    monkeypatch.setenv("FMRI_BENCH_DATA", str(tmp_path / "data"))
+    rng = np.random.default_rng(0)
+    tree = tmp_path / "derivatives"
+    events = pd.DataFrame({"onset": [0.0, 20.0], "duration": [12.0, 12.0], "trial_type": ["lh", "rh"]})
+    for sub in ("01", "02"):
+        func = tree / f"sub-{sub}" / "func"
+        func.mkdir(parents=True)
+        for task in ("rest", "motor"):
+            stem = f"sub-{sub}_task-{task}_run-1"
+            for hemi in "LR":
+                io.write_gifti(func / f"{stem}_space-fsaverage5_hemi-{hemi}_bold.func.gii",
+                               rng.normal(size=(24, 10242)).astype(np.float32), tr=2.0)
+            if task == "motor":
+                events.to_csv(func / f"{stem}_events.tsv", sep="\t", index=False)
+    pd.DataFrame({"participant_id": ["sub-01", "sub-02"], "sex": ["F", "M"]}).to_csv(
+        tree / "participants.tsv", sep="\t", index=False)
+    assert [p.name for p in adapters.fmriprep_runs(tree)][:1] == ["sub-01_task-motor_run-1_space-fsaverage5_hemi-L_bold.func.gii"]
+    data = harness.load_dataset(tree)
+    assert sorted((r.subject, r.kind) for r in data.runs) == [("01", "rest"), ("01", "task"), ("02", "rest"), ("02", "task")]
+    task = [r for r in data.runs if r.kind == "task"]
+    assert all(len(r.events) == 2 and r.paradigm == "MOTOR" for r in task)
+    assert list(data.participants["sex"]) == ["F", "M"]
