@@ -328,41 +328,133 @@ def describe_directory(parcels_dir, out, train_subjects, seed: int = 0) -> str:
 # ----------------------------------------------------------------------------- ground truth
 
 
-def planted_effect_check(records, participants, effects, rng: np.random.Generator | None = None) -> list[dict]:
+def _residual(v: np.ndarray, cov: np.ndarray | None) -> np.ndarray:
+    """``v`` less its least-squares fit on an intercept and the covariate columns ``cov``."""
+    X = np.ones((len(v), 1)) if cov is None else np.column_stack([np.ones(len(v)), cov])
+    return v - X @ np.linalg.lstsq(X, v, rcond=None)[0]
+
+
+def _r(x: np.ndarray, y: np.ndarray, cov: np.ndarray | None = None) -> float:
+    """Pearson r of x and y, or the partial r given ``cov`` (both residualised on it)."""
+    rx, ry = _residual(x, cov), _residual(y, cov)
+    if np.ptp(rx) == 0 or np.ptp(ry) == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _boot_ci(x, y, cov, rng, n_boot: int) -> list[float]:
+    """95 % interval of ``_r`` over subjects drawn with replacement (the unit is the subject)."""
+    boot = []
+    for _ in range(n_boot):
+        i = rng.integers(len(x), size=len(x))
+        r = _r(x[i], y[i], None if cov is None else cov[i])
+        if np.isfinite(r):
+            boot.append(r)
+    return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot else [float("nan")] * 2
+
+
+def _covariates(df, subs, names) -> np.ndarray | None:
+    """One-hot (first level dropped) or numeric columns ``names`` of the participants table."""
+    import pandas as pd
+
+    cols = []
+    for name in names:
+        v = df.loc[subs, name]
+        if v.dtype.kind in "fiu":
+            cols.append(v.to_numpy(float)[:, None])
+        else:
+            d = pd.get_dummies(v.astype(str), drop_first=True).to_numpy(float)
+            if d.shape[1]:
+                cols.append(d)
+    return np.column_stack(cols) if cols else None
+
+
+def planted_effect_check(records, participants, effects, rng: np.random.Generator | None = None,
+                         truth: tuple[np.ndarray, np.ndarray] | None = None, covariates=("site",),
+                         n_boot: int = 1000) -> list[dict]:
     """Does each planted trait effect show in the descriptors? (synthetic cohort)
 
-    records: corpus records; participants: table with subject, sex, age, fluid_iq; effects:
-    ground_truth.json ``trait_effects`` (trait, net_a, net_b, beta). Per effect: Pearson r across
-    subjects between the standardised trait (sex -0.5 F / +0.5 M, age (y - 29) / 4, fluid_iq)
-    and the subject's mean z of ``fc.net_a|net_b``, a 95 % bootstrap CI, and the yardstick
-    ``null_abs_r_max``: the largest |r| of that trait with any network pair not planted.
+    records: corpus records; participants: table with subject, sex, age, fluid_iq (and the
+    ``covariates`` columns, e.g. site); effects: ground_truth.json ``trait_effects`` (trait,
+    net_a, net_b, beta). Per effect, across subjects, the standardised trait (sex -0.5 F / +0.5 M,
+    age (y - 29) / 4, fluid_iq) against the subject's mean z of ``fc.net_a|net_b`` over its scans:
+
+    - ``r`` and its 95 % bootstrap CI (subjects resampled);
+    - ``partial_r`` given the covariates (both sides residualised on them; one-hot for a
+      categorical column) and its CI: a site that shifts every FC descriptor and is unbalanced
+      in the trait can hide or fake an effect (the book cohort's site B is 6 M / 2 F, and its
+      scans' FC z's are shifted because the z's are fitted on site-A training subjects);
+    - ``truth_r`` and its CI, when ``truth = (corr, masks)`` (ground_truth.npz ``corr`` (S, K, K)
+      true node correlations in participants order and ``effect_masks`` (E, K, K)): the same
+      trait against the subject's mean Fisher z of the true connectome over the effect's edges,
+      i.e. how strongly the effect is there to be found, before any parcel averaging or noise;
+    - the yardstick ``null_abs_r_max`` / ``null_abs_r_median``: the trait's largest / median |r|
+      (partial, when covariates are given) with any network pair where nothing was planted.
     """
     import pandas as pd
 
     rng = rng or np.random.default_rng(0)
     df = pd.DataFrame(participants).astype({"subject": str}).set_index("subject")
+    order = list(df.index)
     trait = {"sex": lambda s: np.where(df.loc[s, "sex"] == "M", 0.5, -0.5),
              "age": lambda s: (df.loc[s, "age"].astype(float) - 29.0) / 4.0,
              "fluid_iq": lambda s: df.loc[s, "fluid_iq"].astype(float)}
     subs = sorted({str(r["subject"]) for r in records})
+    covariates = [c for c in (covariates or ()) if c in df.columns]
+    cov = _covariates(df, subs, covariates) if covariates else None
     keys = sorted(k for k in records[0]["z"] if k.startswith("fc."))
     zmat = np.array([[np.mean([r["z"][k] for r in records if str(r["subject"]) == s]) for k in keys] for s in subs])
     planted = {(e["trait"], f"fc.{_pair(e['net_a'], e['net_b'])}") for e in effects}
     out = []
-    for e in effects:
+    for ei, e in enumerate(effects):
         x = np.asarray(trait[e["trait"]](subs), float)
         key = f"fc.{_pair(e['net_a'], e['net_b'])}"
         if key not in keys:
             continue
         y = zmat[:, keys.index(key)]
-        r = float(np.corrcoef(x, y)[0, 1])
-        boot = []
-        for _ in range(1000):
-            i = rng.integers(len(x), size=len(x))
-            if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
-                boot.append(np.corrcoef(x[i], y[i])[0, 1])
-        null = [abs(np.corrcoef(x, zmat[:, j])[0, 1]) for j, k in enumerate(keys) if (e["trait"], k) not in planted]
-        out.append({"effect": f"{e['trait']}:{e['net_a']}-{e['net_b']}", "beta": e["beta"], "n_subjects": len(x),
-                    "r": r, "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-                    "null_abs_r_max": float(np.max(null)), "null_abs_r_median": float(np.median(null))})
+        null = [abs(_r(x, zmat[:, j], cov)) for j, k in enumerate(keys) if (e["trait"], k) not in planted]
+        row = {"effect": f"{e['trait']}:{e['net_a']}-{e['net_b']}", "beta": e["beta"], "n_subjects": len(x),
+               "r": _r(x, y), "ci95": _boot_ci(x, y, None, rng, n_boot)}
+        if cov is not None:
+            row.update({"covariates": "+".join(covariates), "partial_r": _r(x, y, cov),
+                        "partial_ci95": _boot_ci(x, y, cov, rng, n_boot)})
+        if truth is not None:
+            corr, masks = truth
+            idx = [order.index(s) for s in subs]
+            tz = np.array([np.arctanh(np.clip(corr[i][masks[ei]], -0.999, 0.999)).mean() for i in idx])
+            row.update({"truth_r": _r(x, tz), "truth_ci95": _boot_ci(x, tz, None, rng, n_boot)})
+        row.update({"null_abs_r_max": float(np.max(null)), "null_abs_r_median": float(np.median(null))})
+        out.append(row)
     return out
+
+
+def effect_verdict(rows: list[dict]) -> str:
+    """One sentence per planted effect, read from the intervals of ``planted_effect_check``:
+    shown (the CI excludes 0 with the planted sign), or not shown; the site-adjusted and the
+    true-connectome intervals beside it when present."""
+    def reading(ci, sign):
+        lo, hi = ci
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            return "cannot be read"
+        if (lo > 0 and sign > 0) or (hi < 0 and sign < 0):
+            return "shows with the planted sign"
+        if (lo > 0 and sign < 0) or (hi < 0 and sign > 0):
+            return "shows with the OPPOSITE sign"
+        return "is not told from zero"
+
+    out = []
+    for r in rows:
+        sign = np.sign(r["beta"])
+        parts = [f"{r['effect']} (planted {'+' if sign > 0 else '-'}): in the descriptors it "
+                 f"{reading(r['ci95'], sign)} (r {r['r']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}])"]
+        if "partial_r" in r:
+            ci = r["partial_ci95"]
+            parts.append(f"given {r['covariates']} it {reading(ci, sign)} "
+                         f"(partial r {r['partial_r']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}])")
+        if "truth_r" in r:
+            ci = r["truth_ci95"]
+            parts.append(f"in the true connectome it {reading(ci, sign)} "
+                         f"(r {r['truth_r']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}])")
+        parts.append(f"largest |r| with an unplanted pair {r['null_abs_r_max']:.2f}")
+        out.append("; ".join(parts) + ".")
+    return "\n".join(out)

@@ -247,19 +247,22 @@ def text_features(texts: list[str], llm: str | None) -> tuple[torch.Tensor, torc
 def evaluate(model: NeuralTokenizer, windows: torch.Tensor, states: torch.Tensor | None = None,
              words: torch.Tensor | None = None, batch_size: int = 16, seed: int = 0,
              lengths: torch.Tensor | None = None) -> dict:
-    """Held-out diagnostics: recon MSE (real frames only when ``lengths`` are given), codebook
+    """Held-out diagnostics: recon MSE (real frames only when ``lengths`` are given; and per
+    window, ``recon_mse_windows``, for intervals), codebook
     usage (tokens holding real frames), domain-classifier accuracy, and fMRI -> text retrieval
     top-1 / top-5 (by window, against its own descriptor's state)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    err, n_val, idx, acc, fe, te = 0.0, 0.0, [], [], [], []
+    err, n_val, idx, acc, fe, te, per = 0.0, 0.0, [], [], [], [], []
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size]
         ln = None if lengths is None else lengths[i:i + batch_size]
         out = model(x, None if states is None else states[i:i + batch_size], words, grl=0.0, gen=gen, lengths=ln)
         m = model.frame_mask(ln, len(x))
-        err += float((((out.recon - x) ** 2) * m).sum())
+        sq = (((out.recon - x) ** 2) * m).flatten(1).sum(1)
+        err += float(sq.sum())
         n_val += float(m.sum()) * x.shape[2]
+        per.append((sq / (m.flatten(1).sum(1) * x.shape[2]).clamp_min(1.0)).numpy())
         w = model.token_weight(ln, len(x))[..., 0] > 0
         idx.append(out.indices[w])
         if "domain_acc" in out.losses:
@@ -267,7 +270,8 @@ def evaluate(model: NeuralTokenizer, windows: torch.Tensor, states: torch.Tensor
         if states is not None:
             fe.append(model.align.embed_fmri(out.features, None if ln is None else w[..., None].float()))
             te.append(model.align.embed_text(states[i:i + batch_size]))
-    res = {"recon_mse": err / max(n_val, 1.0), **codebook_usage(torch.cat(idx), model.quantiser.n_codes)}
+    res = {"recon_mse": err / max(n_val, 1.0), "recon_mse_windows": np.concatenate(per),
+           **codebook_usage(torch.cat(idx), model.quantiser.n_codes)}
     if acc:
         res["domain_acc"] = float(np.mean(acc))
     if fe:
@@ -437,6 +441,7 @@ def train(cfg: TokenizerTrainConfig, run_dir=None, resume: bool = False, stop_at
         bar.update(1)
         if xv is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             val = evaluate(model, xv, sv, words, seed=cfg.seed + 2, lengths=lv)
+            val.pop("recon_mse_windows", None)  # per-window values are for intervals, not the log
             log({"step": step, **{f"val_{k}": v for k, v in val.items()}})
             t0 = time.perf_counter()
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
@@ -473,10 +478,11 @@ def load_tokenizer(path) -> NeuralTokenizer:
 
 
 def recon_yardsticks(train_windows: np.ndarray, val_windows: np.ndarray, ks=(8, 32),
-                     train_lengths=None, val_lengths=None) -> dict:
+                     train_lengths=None, val_lengths=None, per_window: bool = False) -> dict:
     """Reconstruction MSE of held-out windows (n, T, R) by predict-zero and by PCA-k over
     parcels fitted on the training windows only -> {"zero": mse, "pca8": mse, ...}. With
-    lengths (n,), only the real (unpadded) frames are fitted and scored, as in ``evaluate``."""
+    lengths (n,), only the real (unpadded) frames are fitted and scored, as in ``evaluate``.
+    ``per_window``: also ``"<name>_windows"``, each held-out window's MSE (for intervals)."""
     from sklearn.decomposition import PCA
 
     def frames(w, lengths):
@@ -488,12 +494,47 @@ def recon_yardsticks(train_windows: np.ndarray, val_windows: np.ndarray, ks=(8, 
     r = train_windows.shape[2]
     tr = frames(train_windows, train_lengths)
     va = frames(val_windows, val_lengths)
-    out = {"zero": float((va ** 2).mean())}
+    n_val = [int(n) for n in (val_lengths if val_lengths is not None else [val_windows.shape[1]] * len(val_windows))]
+    cuts = np.cumsum(n_val)[:-1]
+
+    def score(name, sq):
+        out[name] = float(sq.mean())
+        if per_window:
+            out[f"{name}_windows"] = np.array([b.mean() for b in np.split(sq, cuts)])
+
+    out: dict = {}
+    score("zero", va ** 2)
     for k in ks:
         k = min(k, r, len(tr))
         pca = PCA(k, random_state=0).fit(tr)
-        out[f"pca{k}"] = float(((pca.inverse_transform(pca.transform(va)) - va) ** 2).mean())
+        score(f"pca{k}", (pca.inverse_transform(pca.transform(va)) - va) ** 2)
     return out
+
+
+def paired_difference(a, b, groups, rng: np.random.Generator | None = None, n_boot: int = 1000) -> dict:
+    """Mean of ``a - b`` over paired items (e.g. per-window MSEs of two methods on the same
+    windows) with a 95 % bootstrap interval that resamples ``groups`` (subjects), since windows
+    of one subject are not independent."""
+    rng = rng or np.random.default_rng(0)
+    d = np.asarray(a, float) - np.asarray(b, float)
+    groups = np.asarray(groups)
+    uniq = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in uniq]
+    boot = [d[np.concatenate([members[i] for i in rng.integers(len(uniq), size=len(uniq))])].mean()
+            for _ in range(n_boot)]
+    return {"mean": float(d.mean()), "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            "n_items": int(len(d)), "n_groups": int(len(uniq))}
+
+
+def recon_verdict(name: str, diffs: dict[str, dict]) -> str:
+    """One sentence: is ``name``'s held-out MSE below / above / not told from each yardstick?
+    ``diffs``: yardstick -> ``paired_difference(method, yardstick)``; reads the intervals."""
+    parts = []
+    for y, d in diffs.items():
+        lo, hi = d["ci95"]
+        word = "below" if hi < 0 else "above" if lo > 0 else "not told from"
+        parts.append(f"{word} {y} (difference {d['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}])")
+    return f"{name}: held-out MSE " + "; ".join(parts) + " (95 % intervals over subjects)."
 
 
 # --- the flat-map MAE as tokenizer -----------------------------------------------------------

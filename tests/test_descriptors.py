@@ -118,3 +118,59 @@ def test_cli_describe_writes_jsonl(tmp_path, rng):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 4 and {"scan", "subject", "numbers", "z", "text"} <= set(lines[0])
     assert main(["describe", str(tmp_path / "nope"), "--out", str(out), "--train-subjects", "S0"]) == 2
+
+
+def _toy_records(effect: float, site_shift: float, seed: int = 0, n: int = 60):
+    """Subjects with one planted sex effect on fc.Default|Default, a site that shifts every FC z
+    and holds mostly males, and a second, unplanted pair."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    site = np.array(["A"] * (n // 2) + ["B"] * (n // 2))
+    male = np.where(site == "B", rng.random(n) < 0.85, rng.random(n) < 0.15)
+    sex = np.where(male, 0.5, -0.5)
+    df = pd.DataFrame({"subject": [f"s{i:02d}" for i in range(n)], "sex": np.where(male, "M", "F"),
+                       "age": 30.0, "fluid_iq": 0.0, "site": site})
+    shift = site_shift * (site == "B")
+    recs = []
+    for i, s in enumerate(df.subject):
+        z = {"fc.Default|Default": effect * sex[i] + shift[i] + 0.3 * rng.standard_normal(),
+             "fc.Visual|Visual": shift[i] + 0.3 * rng.standard_normal()}
+        recs.append({"subject": s, "z": z})
+    return recs, df, sex
+
+
+def test_site_covariate_uncovers_a_hidden_effect_and_removes_a_fake_one():
+    e = [{"trait": "sex", "net_a": "Default", "net_b": "Default", "beta": 1.0}]
+    # planted effect, hidden by a site shift in the opposite direction
+    recs, df, _ = _toy_records(effect=1.0, site_shift=-1.2)
+    (row,) = D.planted_effect_check(recs, df, e, n_boot=300)
+    assert row["r"] < 0.2 and row["ci95"][0] < 0.2  # the raw r misses it
+    assert row["partial_ci95"][0] > 0.3 and row["covariates"] == "site"
+    assert "given site it shows with the planted sign" in D.effect_verdict([row])
+    # nothing planted, but a site shift with mostly males in site B fakes one
+    recs, df, _ = _toy_records(effect=0.0, site_shift=1.0, seed=1)
+    (row,) = D.planted_effect_check(recs, df, e, n_boot=300)
+    assert row["ci95"][0] > 0.3
+    assert row["partial_ci95"][0] < 0 < row["partial_ci95"][1]
+    (raw,) = D.planted_effect_check(recs, df, e, n_boot=300, covariates=())
+    assert "partial_r" not in raw
+
+
+def test_truth_r_reads_the_true_connectome_over_the_effect_edges():
+    recs, df, sex = _toy_records(effect=0.0, site_shift=0.0, n=40)
+    rng = np.random.default_rng(2)
+    K = 4
+    mask = np.zeros((1, K, K), bool)
+    mask[0, 0, 1] = mask[0, 1, 0] = True
+    corr = np.tile(np.eye(K), (len(df), 1, 1)) + 0.0
+    corr[:, 0, 1] = corr[:, 1, 0] = 0.3 + 0.2 * sex + 0.02 * rng.standard_normal(len(df))
+    corr[:, 2, 3] = corr[:, 3, 2] = 0.3 - 0.2 * sex  # not in the mask: must not count
+    e = [{"trait": "sex", "net_a": "Default", "net_b": "Default", "beta": 0.2}]
+    (row,) = D.planted_effect_check(recs, df, e, truth=(corr, mask), n_boot=300)
+    assert row["truth_r"] > 0.9 and row["truth_ci95"][0] > 0.8
+    flipped = corr.copy()
+    flipped[:, 0, 1] = flipped[:, 1, 0] = 0.3 - 0.2 * sex
+    (row,) = D.planted_effect_check(recs, df, e, truth=(flipped, mask), n_boot=300)
+    assert row["truth_r"] < -0.9
+    assert "in the true connectome it shows with the OPPOSITE sign" in D.effect_verdict([row])

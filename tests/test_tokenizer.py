@@ -267,3 +267,36 @@ def test_mae_tokenizer_training_on_precomputed_features(tmp_path, one_thread):
     y = tt.feature_yardsticks(cf, np.arange(8), np.arange(8, 12))
     assert y["pca32"] <= y["pca8"] <= y["mean"] * 1.01
     assert tt.scan_of_shard_key("sub-100121_rfMRI_REST1_LR_Atlas_MSMAll_b24cf2c64d") == "100121_rfMRI_REST1_LR"
+
+
+def test_per_window_yardsticks_average_to_the_pooled_ones_on_equal_lengths():
+    from fmri_bench.tokenizer_train import recon_yardsticks
+
+    rng = np.random.default_rng(0)
+    tr, va = rng.standard_normal((6, 10, 5)), rng.standard_normal((4, 10, 5))
+    va[1] *= 3.0  # one loud window
+    y = recon_yardsticks(tr, va, ks=(2,), val_lengths=np.array([10, 10, 10, 10]), per_window=True)
+    assert y["zero_windows"].shape == (4,) and np.isclose(y["zero_windows"].mean(), y["zero"])
+    assert np.argmax(y["zero_windows"]) == 1
+    assert np.isclose(y["zero_windows"][0], (va[0] ** 2).mean())
+    short = recon_yardsticks(tr, va, ks=(2,), val_lengths=np.array([10, 4, 10, 10]), per_window=True)
+    assert np.isclose(short["zero_windows"][1], (va[1, :4] ** 2).mean())  # only the real frames
+
+
+def test_paired_difference_resamples_subjects_and_the_verdict_reads_the_interval():
+    from fmri_bench.tokenizer_train import paired_difference, recon_verdict
+
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(10), 4)
+    a = 1.0 + 0.1 * rng.standard_normal(40)
+    d = paired_difference(a - 0.5, a, groups, rng=np.random.default_rng(0))
+    assert np.isclose(d["mean"], -0.5) and d["ci95"][1] < 0 and d["n_groups"] == 10
+    same = paired_difference(a + 0.01 * rng.standard_normal(40), a, groups)
+    assert same["ci95"][0] < 0 < same["ci95"][1]
+    text = recon_verdict("tok", {"PCA-8": d, "zero": same})
+    assert "below PCA-8" in text and "not told from zero" in text
+    # a subject-level effect: clustered differences give a wider interval than i.i.d. windows would
+    clustered = np.repeat(rng.standard_normal(10), 4)
+    wide = paired_difference(clustered, np.zeros(40), groups)
+    narrow = paired_difference(clustered, np.zeros(40), np.arange(40))
+    assert wide["ci95"][1] - wide["ci95"][0] > 1.5 * (narrow["ci95"][1] - narrow["ci95"][0])
