@@ -32,6 +32,7 @@ import yaml
 from fmri_bench.config import read_config, warmup_cosine
 from fmri_bench.errors import InputError
 from fmri_bench.models.tokenizer import NeuralTokenizer, codebook_usage, grl_strength, tokenizer_config
+from fmri_bench.models.mae import check_keys, check_values
 from fmri_bench.paths import atomic_save, cache_dir
 
 CHECKPOINT_FORMAT = "fmri_bench.tokenizer/1"
@@ -71,29 +72,23 @@ class TokenizerTrainConfig:
 
     def __post_init__(self):
         if isinstance(self.data, dict):
-            _check_keys(self.data, TokDataConfig, "data config")
+            check_keys(self.data, TokDataConfig, what="tokenizer data config")
             self.data = TokDataConfig(**self.data)
-        if self.batch_size < 2 or self.steps < 1:
-            raise InputError(f"batch_size ({self.batch_size}) must be >= 2 and steps ({self.steps}) >= 1")
+        check_values(self.data, {"n_subjects": 2, "windows_per_subject": 1, "val_fraction": 0},
+                     "tokenizer data config", exclusive=("val_fraction",))
+        check_values(self, {"batch_size": 2, "steps": 1, "lr": 0, "warmup_steps": 0, "weight_decay": 0,
+                            "grad_clip": 0, "num_threads": 0, "log_every": 1, "eval_every": 0, "ckpt_every": 0},
+                     "tokenizer train config", exclusive=("lr", "grad_clip"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _check_keys(d, cls, what, source=None):
-    if not isinstance(d, dict):
-        raise InputError(f"{what} must be a mapping", source)
-    names = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(d) - names)
-    if bad:
-        raise InputError(f"unknown {what} key(s) {', '.join(map(repr, bad))} (known: {', '.join(sorted(names))})", source)
 
 
 def load_config(path=None, overrides=()) -> TokenizerTrainConfig:
     """YAML file (or defaults) + ``key=value`` overrides (dotted keys, YAML values)."""
     d = read_config(path, overrides)
     src = None if path is None else os.fspath(path)
-    _check_keys(d, TokenizerTrainConfig, "tokenizer train config", src)
+    check_keys(d, TokenizerTrainConfig, src, what="tokenizer train config")
     cfg = TokenizerTrainConfig(**d)
     tokenizer_config(cfg.preset, **cfg.model_overrides)  # fail now on a bad model key
     return cfg

@@ -104,6 +104,21 @@ def test_bad_config_keys():
         tokenizer_config("huge")
     with pytest.raises(InputError, match="bogus"):
         tt.load_config(None, ["bogus=1"])
+    with pytest.raises(InputError, match="did you mean 'steps'"):
+        tt.load_config(None, ["stesp=1"])
+    with pytest.raises(InputError, match="did you mean 'n_subjects'"):
+        tt.load_config(None, ["data={n_subject: 3}"])
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("steps=0", "steps must be >= 1"), ("batch_size=1", "batch_size must be >= 2"), ("lr=0", "lr must be > 0"),
+    ("lr=abc", "lr must be a number"), ("steps=2.5", "steps must be a whole number"),
+    ("progress=3", "progress must be true or false"), ("data.val_fraction=0", "val_fraction must be > 0"),
+    ("data.n_subjects=1", "n_subjects must be >= 2")])
+def test_bad_config_values_are_one_line_errors(override, msg):
+    with pytest.raises(InputError, match=msg):
+        tt.load_config(None, [override])
+    assert tt.load_config(None, []).lr > 0  # the defaults pass
 
 
 def _cfg(tmp_path, **kw):
