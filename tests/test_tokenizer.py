@@ -315,3 +315,29 @@ def test_paired_difference_resamples_subjects_and_the_verdict_reads_the_interval
     wide = paired_difference(clustered, np.zeros(40), groups)
     narrow = paired_difference(clustered, np.zeros(40), np.arange(40))
     assert wide["ci95"][1] - wide["ci95"][0] > 1.5 * (narrow["ci95"][1] - narrow["ci95"][0])
+
+
+def test_padding_tokens_never_reach_the_codebook(one_thread):
+    """Quantiser(mask=): k-means init and the EMA update see real tokens only, so what sits in
+    the padding tokens leaves the codebook and the commitment loss unchanged (not so unmasked)."""
+    from fmri_bench.models.tokenizer import Quantiser
+
+    cfg = tokenizer_config("tiny", **{**SMALL, "dead_code_threshold": 0.5})
+    assert cfg.dead_code_threshold == 0.5
+    z = torch.randn(2, 48, cfg.embed_dim)
+    z2 = z.clone()
+    z2[:, 24:] = 50.0 * torch.randn(2, 24, cfg.embed_dim)
+    mask = torch.zeros(2, 48, dtype=torch.bool)
+    mask[:, :24] = True
+
+    def run(x, m):
+        torch.manual_seed(3)
+        qz = Quantiser(cfg, cfg.embed_dim).train()
+        _, idx, commit = qz(x, m)
+        _, idx, commit = qz(x, m)  # after init: one EMA update
+        return qz.vq._codebook.embed.detach().clone(), idx[:, :24], commit.detach()
+
+    a, b = run(z, mask), run(z2, mask)
+    assert torch.allclose(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.allclose(a[2], b[2])
+    c, d = run(z, None), run(z2, None)
+    assert not torch.allclose(c[0], d[0])

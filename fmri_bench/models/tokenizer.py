@@ -56,6 +56,7 @@ class TokenizerConfig:
     commitment_weight: float = 1.0
     kmeans_init: bool = True
     kmeans_iters: int = 10
+    dead_code_threshold: float = 0.0  # > 0: a code whose EMA use falls below it is re-seeded from the batch
     cosine: bool = True
     llm_dim: int = 576  # hidden size of the frozen LLM (SmolLM2-135M: 576)
     align_dim: int = 512
@@ -159,7 +160,8 @@ def build_quantizer(cfg: TokenizerConfig) -> nn.Module:
         return FSQ(levels=list(cfg.fsq_levels), dim=cfg.code_dim)
     return VectorQuantize(dim=cfg.code_dim, codebook_size=cfg.codebook_size, decay=cfg.ema_decay,
                           commitment_weight=cfg.commitment_weight, kmeans_init=cfg.kmeans_init,
-                          kmeans_iters=cfg.kmeans_iters, use_cosine_sim=cfg.cosine)
+                          kmeans_iters=cfg.kmeans_iters, use_cosine_sim=cfg.cosine,
+                          threshold_ema_dead_code=cfg.dead_code_threshold)
 
 
 class Quantiser(nn.Module):
@@ -178,13 +180,15 @@ class Quantiser(nn.Module):
             return int(math.prod(self.cfg.fsq_levels))
         return self.cfg.codebook_size
 
-    def forward(self, z: torch.Tensor):
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None):
+        """``mask`` (B, N) bool, True for real tokens: the VQ's k-means init, EMA codebook update,
+        dead-code re-seeding and commitment loss see only those (padding cannot pull codes)."""
         h = self.proj(z)
         if self.cfg.quantizer == "fsq":
             q, idx = self.vq(h)
             commit = h.new_zeros(())
         else:
-            q, idx, commit = self.vq(h)
+            q, idx, commit = self.vq(h, mask=mask)
             commit = commit.sum()
         return q, idx.long(), commit
 
@@ -338,12 +342,12 @@ class NeuralTokenizer(nn.Module):
         reconstruction loss covers real frames only, and tokens of all-padding patches are left
         out of the pooled embedding and the domain classifier's sample (None: no padding)."""
         feats = self.encode(x)
-        q, idx, commit = self.quantiser(feats)
+        w = None if lengths is None else self.token_weight(lengths, len(x)).to(x.device)
+        q, idx, commit = self.quantiser(feats, None if w is None else w[..., 0] > 0)
         recon = self.decode(q)
         m = self.frame_mask(lengths, len(x)).to(x.device)
         rec = (((recon - x) ** 2) * m).sum() / (m.sum() * x.shape[2]).clamp_min(1)
         losses = {"recon": rec, "commit": commit}
-        w = None if lengths is None else self.token_weight(lengths, len(x)).to(x.device)
         losses["total"] = self.align.add_losses(self.config, losses, rec + commit, feats, text_states, word_embeds,
                                                 grl, gen, weight=w)
         return TokenizerOutput(q, idx, recon, feats, losses)
