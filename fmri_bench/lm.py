@@ -51,7 +51,7 @@ class LoadedLM:
 # the word list of ``tiny_random_llm``: enough English for pipeline checks of prompts and answers
 TINY_WORDS = tuple(("the a scan of brain is coupling network elevated reduced typical between and male female this "
                     "module provides functions for text data files objects with question answer subject sex age "
-                    "lower mean higher task rest yes no").split())
+                    "lower mean higher task rest yes no Male Female Question Answer Dataset").split())
 
 
 def tiny_random_llm(seed: int = 0, attn: str = "sdpa", words=TINY_WORDS, width: int = 32) -> LoadedLM:

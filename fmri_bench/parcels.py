@@ -314,6 +314,24 @@ def _is_cifti(path) -> bool:
 # ----------------------------------------------------------------------------- model input
 
 
+def network_series(series: ParcelSeries) -> ParcelSeries:
+    """Parcel means summarised to network x hemisphere regions (Yeo-7 x L/R = 14 for MMP 360):
+    each region the mean of its parcels' series, named ``<hemisphere>_<network>`` from the
+    parcel labels' ``L_`` / ``R_`` prefix. Parcels without a network ("none") are dropped. A
+    shorter sequence for a CPU-sized language model (chapters 07-08), not an atlas of its own."""
+    if not series.networks:
+        raise InputError(f"{series.source}: no network names for its parcels: cannot summarise to networks")
+    hemi = [lab.split("_", 1)[0] if lab[:2] in ("L_", "R_") else "" for lab in series.labels]
+    keys = sorted({(h, n) for h, n in zip(hemi, series.networks) if n not in ("none", "")})
+    cols, names = [], []
+    for h, n in keys:
+        idx = [j for j, (hh, nn) in enumerate(zip(hemi, series.networks)) if hh == h and nn == n]
+        cols.append(series.data[:, idx].mean(1))
+        names.append(f"{h}_{n}" if h else n)
+    return ParcelSeries(np.stack(cols, 1).astype(np.float32), series.tr, series.atlas, names, series.source,
+                        networks=[n for _, n in keys], space=series.space, key=series.key, subject=series.subject)
+
+
 def robust_zscore(x: np.ndarray) -> np.ndarray:
     """x: (T, R) -> (T, R) float32, each parcel (x - median) / IQR over time.
 

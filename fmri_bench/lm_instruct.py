@@ -1,0 +1,225 @@
+"""fMRI-LM stage 3: instruction tuning, and zero- / few-shot answers about a scan.
+
+fMRI-LM (Wei et al., arXiv 2511.21760, sections 3.3-4) tunes the LLM that reads fMRI on
+question / answer pairs built from each cohort's labels, with the prompt
+``{dataset info}{descriptors}### Question: {q}\\n### Answer:`` (``lm_answer.build_prompt``) and
+several paraphrases per question, the loss on the answer tokens only; answers are the allowed
+option with the highest log-likelihood (``lm_answer.answer``). Zero-shot: a question type held
+out of instruction tuning; few-shot: the adapter fine-tuned on k labelled subjects per class.
+(The public code takes at most one example per class for few-shot and samples among the
+allowed answers instead of scoring them; here k shots per class and scoring, as the paper.)
+
+- ``QUESTIONS``: the question types (sex, fluid-intelligence tertile, rest / task state), each
+  with paraphrases, options and the label it reads.
+- ``examples``: (window, prompt, answer) triples for the chosen windows and question types;
+  ``descriptors=False`` leaves the descriptor text out (the paper's ablation).
+- ``instruct_train``: AdamW on the adapter + heads for those examples (loss on the answer
+  tokens); with ``run_dir`` atomic checkpoints every ``ckpt_every`` steps and exact resume.
+- ``few_shot_subjects``: k subjects per class, class-balanced, disjoint from the test subjects
+  and their families.
+- ``evaluate``: constrained answers -> balanced accuracy with a bootstrap 95 % CI over subjects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fmri_bench.errors import InputError
+from fmri_bench.lm_answer import answer, build_prompt, check_options
+from fmri_bench.paths import atomic_save
+from fmri_bench.rundir import rng_state, set_rng_state
+
+CHECKPOINT_FORMAT = "fmri_bench.fmri_lm_instruct/1"
+DATASET_INFO = "Dataset: an fMRI cohort, {regions} cortical regions, TR 2 s.\n"
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question type: ``label`` names the per-window label it asks about."""
+
+    name: str
+    label: str
+    options: tuple[str, ...]
+    paraphrases: tuple[str, ...]
+
+
+QUESTIONS = {
+    "sex": Question("sex", "sex", ("Male", "Female"), (
+        "What is the sex of the participant?",
+        "Is this scan from a male or a female participant?",
+        "Report the participant's sex.")),
+    "fluid": Question("fluid", "fluid_tertile", ("lower", "mean", "higher"), (
+        "Is the participant's fluid intelligence lower than, about the mean of, or higher than the cohort's?",
+        "Fluid intelligence of this participant relative to the cohort: lower, mean or higher?")),
+    "state": Question("state", "state", ("rest", "task"), (
+        "Was this scan recorded at rest or during a task?",
+        "Is the participant resting or doing a task in this scan?",
+        "Brain state during this scan: rest or task?")),
+}
+
+
+def check_question(name: str) -> Question:
+    if name not in QUESTIONS:
+        raise InputError(f"unknown question type {name!r} (known: {', '.join(QUESTIONS)})")
+    q = QUESTIONS[name]
+    check_options(q.options)
+    return q
+
+
+def tertile_labels(values, train_mask) -> np.ndarray:
+    """'lower' / 'mean' / 'higher' by the tertile edges of the training subjects' values."""
+    v = np.asarray(values, float)
+    lo, hi = np.quantile(v[np.asarray(train_mask, bool)], [1 / 3, 2 / 3])
+    return np.where(v < lo, "lower", np.where(v > hi, "higher", "mean"))
+
+
+def examples(labels: dict[str, np.ndarray], texts, idx, kinds, n_regions: int, seed: int = 0,
+             descriptors: bool = True, paraphrase: int | None = None) -> list[tuple[int, str, str, str]]:
+    """(window index, prompt, answer, question type) for every window in ``idx`` and question type
+    in ``kinds``; the paraphrase is drawn per example from ``seed`` (or fixed: ``paraphrase``).
+    ``labels``: per-window arrays keyed by ``Question.label``."""
+    rng = np.random.default_rng(seed)
+    info = DATASET_INFO.format(regions=n_regions)
+    out = []
+    for k in kinds:
+        q = check_question(k)
+        if q.label not in labels:
+            raise InputError(f"question {k!r} needs per-window labels {q.label!r}, which this data does not have")
+        for i in np.asarray(idx, int):
+            ans = str(labels[q.label][i])
+            if ans not in q.options:
+                raise InputError(f"label {ans!r} of window {i} is not one of the options {q.options}")
+            j = int(rng.integers(len(q.paraphrases))) if paraphrase is None else paraphrase % len(q.paraphrases)
+            desc = (texts[i].strip() + "\n") if descriptors else ""
+            out.append((int(i), build_prompt(q.paraphrases[j], desc, info), ans, k))
+    return out
+
+
+def few_shot_subjects(subjects, classes, k: int, test_subjects, families=None, seed: int = 0) -> list[str]:
+    """k subjects per class drawn from those not in ``test_subjects`` (nor in their families):
+    class-balanced and test-disjoint; fewer than k in a class is an error. ``classes``: each
+    subject's class (one per subject, aligned with ``subjects``)."""
+    subjects, classes = np.asarray(subjects).astype(str), np.asarray(classes).astype(str)
+    test = set(map(str, test_subjects))
+    fam = None if families is None else np.asarray(families).astype(str)
+    banned_fam = set() if fam is None else {f for s, f in zip(subjects, fam) if s in test}
+    ok = np.array([s not in test and (fam is None or f not in banned_fam)
+                   for s, f in zip(subjects, fam if fam is not None else subjects)])
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in sorted(set(classes)):
+        pool = np.unique(subjects[ok & (classes == c)])
+        if len(pool) < k:
+            raise InputError(f"few-shot k={k}: class {c!r} has only {len(pool)} subjects outside the test set")
+        out += sorted(rng.choice(pool, size=k, replace=False).tolist())
+    return out
+
+
+def balanced_accuracy(y_true, y_pred) -> float:
+    y_true, y_pred = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
+    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
+
+
+def subject_bootstrap(y_true, y_pred, subjects, n_boot: int = 1000, seed: int = 0) -> list[float]:
+    """95 % interval of the balanced accuracy over subjects drawn with replacement."""
+    y_true, y_pred, subjects = map(np.asarray, (y_true, y_pred, subjects))
+    uniq = np.unique(subjects)
+    members = [np.flatnonzero(subjects == s) for s in uniq]
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot):
+        i = np.concatenate([members[j] for j in rng.integers(len(uniq), size=len(uniq))])
+        if len(np.unique(y_true[i])) > 1:
+            boot.append(balanced_accuracy(y_true[i], y_pred[i]))
+    return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot else [float("nan")] * 2
+
+
+# --- training --------------------------------------------------------------------------------
+def instruct_train(model, features: torch.Tensor, exs, steps: int, batch_size: int = 4, lr: float = 2e-4,
+                   seed: int = 0, run_dir=None, resume: bool = False, ckpt_every: int = 0,
+                   stop_at: int | None = None, progress: bool = False) -> list[dict]:
+    """Tune ``model`` (an ``FmriLM``: its trainable adapter + heads) on ``exs`` (``examples``):
+    cross-entropy on the answer tokens only (the prompt is context; the F2F / T2T terms are off).
+    Batches are drawn with a seeded generator; with ``run_dir`` a checkpoint (trainable state,
+    optimizer, random states, step) is written atomically every ``ckpt_every`` steps and at the
+    end, and ``resume=True`` continues from it exactly. -> history [{"step", "loss"}]."""
+    from tqdm.auto import tqdm
+
+    if not exs:
+        raise InputError("no instruction examples")
+    ckpt = None if run_dir is None else os.path.join(run_dir, "instruct_checkpoint.pt")
+    if run_dir is not None:
+        os.makedirs(run_dir, exist_ok=True)
+        if os.path.exists(ckpt) and not resume:
+            raise InputError("run directory already holds an instruct checkpoint (resume, or use another)", run_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    step, hist = 0, []
+    if ckpt is not None and resume and os.path.exists(ckpt):
+        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if ck.get("format") != CHECKPOINT_FORMAT or ck.get("llm") != model.llm_fingerprint:
+            raise InputError("not an instruct checkpoint of this LLM", ckpt)
+        model.load_trainable_state_dict(ck["trainable"], ckpt)
+        opt.load_state_dict(ck["optimizer"])
+        set_rng_state(ck["rng"], gen)
+        step, hist = int(ck["step"]), list(ck["history"])
+
+    def save():
+        obj = {"format": CHECKPOINT_FORMAT, "trainable": model.trainable_state_dict(), "optimizer": opt.state_dict(),
+               "rng": rng_state(gen), "step": step, "history": hist, "llm": model.llm_fingerprint}
+        atomic_save(lambda tmp: torch.save(obj, tmp), ckpt)
+
+    saved = {k: getattr(model.config, k) for k in ("f2f_weight", "t2t_weight", "f2t_weight")}
+    model.config.f2f_weight, model.config.t2t_weight, model.config.f2t_weight = 0.0, 0.0, 1.0
+    model.train()
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc="instruct", dynamic_ncols=True)
+    try:
+        while step < steps:
+            pick = torch.randperm(len(exs), generator=gen)[:batch_size].tolist()
+            b = [exs[i] for i in pick]
+            idx = torch.tensor([e[0] for e in b])
+            codes = torch.zeros(len(b), features.shape[1], dtype=torch.long)  # F2F is off
+            out = model.losses(features[idx], codes, [" " + e[2] for e in b], prompts=[e[1] for e in b])
+            out["total"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            hist.append({"step": step, "loss": float(out["total"].detach())})
+            bar.update(1)
+            if ckpt is not None and ((ckpt_every and step % ckpt_every == 0) or step == steps):
+                save()
+            if stop_at is not None and step >= stop_at:
+                break
+    finally:
+        for k, v in saved.items():
+            setattr(model.config, k, v)
+        bar.close()
+    model.eval()
+    return hist
+
+
+def evaluate(model, features: torch.Tensor, exs, subjects, batch_size: int = 8, n_boot: int = 1000,
+             seed: int = 0) -> dict:
+    """Constrained answers for ``exs`` (one question type) -> balanced accuracy, its subject
+    bootstrap 95 % CI, the predictions and the mean probability of the right answer."""
+    kinds = {e[3] for e in exs}
+    if len(kinds) != 1:
+        raise InputError(f"evaluate one question type at a time, got {sorted(kinds)}")
+    q = QUESTIONS[kinds.pop()]
+    preds, p_right = [], []
+    for i in range(0, len(exs), batch_size):
+        b = exs[i:i + batch_size]
+        res = answer(model, features[torch.tensor([e[0] for e in b])], [e[1] for e in b], q.options)
+        preds += [r["answer"] for r in res]
+        p_right += [r["probabilities"][e[2]] for r, e in zip(res, b)]
+    y = [e[2] for e in exs]
+    subs = [subjects[e[0]] for e in exs]
+    return {"balanced_accuracy": balanced_accuracy(y, preds), "ci95": subject_bootstrap(y, preds, subs, n_boot, seed),
+            "predictions": preds, "p_right": float(np.mean(p_right)), "n": len(exs),
+            "n_subjects": len(set(subs)), "chance": 1.0 / len(q.options)}

@@ -1,0 +1,126 @@
+"""fMRI-LM stage 3 on a tiny random Llama: examples never state their answer, few-shot subsets
+are class-balanced and test-disjoint, tuning learns a planted mapping, resume is exact, the
+saved adapter reloads to identical answers, constrained decoding picks a planted answer."""
+
+import numpy as np
+import pytest
+import torch
+
+from fmri_bench import descriptors as D
+from fmri_bench import lm_instruct as I
+from fmri_bench.errors import InputError
+from fmri_bench.fmri_lm import FmriLM, fmri_lm_config
+from fmri_bench.lm import TINY_WORDS, tiny_random_llm
+
+WORDS = TINY_WORDS + tuple("what sex participant from or report participant's was this recorded at during "
+                           "resting doing in state brain male female dataset an fmri cohort cortical regions tr "
+                           "2 s . ? : ### , '".split())
+R, NT, D_ = 3, 2, 8
+
+
+def model(seed=1):
+    torch.manual_seed(seed)
+    return FmriLM(tiny_random_llm(0, words=WORDS, width=32),
+                  fmri_lm_config(feat_dim=D_, n_parcels=R, n_time_patches=NT, n_codes=5, precision="fp32",
+                                 lora_dropout=0.0, max_text_tokens=64))
+
+
+def planted(n=24, seed=0):
+    """Windows whose first feature is +2 for males and -2 for females; subjects own 2 windows."""
+    rng = np.random.default_rng(seed)
+    subjects = np.repeat([f"s{i:02d}" for i in range(n // 2)], 2)
+    male = np.repeat(rng.permutation(np.arange(n // 2) % 2 == 0), 2)
+    f = torch.randn(n, R * NT, D_, generator=torch.Generator().manual_seed(seed)) * 0.1
+    f[:, :, 0] = torch.from_numpy(np.where(male, 2.0, -2.0)).float()[:, None]
+    labels = {"sex": np.where(male, "Male", "Female"), "state": np.where(np.arange(n) % 2, "task", "rest")}
+    return f, labels, subjects
+
+
+def test_examples_never_state_the_answer_and_follow_the_prompt_template():
+    f, labels, subjects = planted()
+    texts = ["the brain network coupling is elevated"] * len(f)
+    for kind in ("sex", "state"):
+        exs = I.examples(labels, texts, range(len(f)), [kind], n_regions=R, seed=0)
+        q = I.QUESTIONS[kind]
+        assert len(exs) == len(f) and {e[2] for e in exs} == set(q.options)
+        for i, prompt, ans, k in exs:
+            assert prompt.endswith("### Answer:") and k == kind
+            context = prompt.split("### Question:")[0]  # dataset info + descriptors
+            assert D.label_leaks(context, {"answer": ans}) == [], context
+            assert ans.lower() not in context.lower()
+        assert len({e[1] for e in exs}) > 1  # paraphrases vary
+    nodesc = I.examples(labels, texts, [0], ["sex"], n_regions=R, descriptors=False)
+    assert "coupling" not in nodesc[0][1]
+    with pytest.raises(InputError, match="unknown question type"):
+        I.examples(labels, texts, [0], ["iq"], n_regions=R)
+    with pytest.raises(InputError, match="needs per-window labels"):
+        I.examples({"sex": labels["sex"]}, texts, [0], ["state"], n_regions=R)
+
+
+def test_few_shot_subjects_are_balanced_and_disjoint_from_test_and_its_families():
+    subs = [f"s{i}" for i in range(20)]
+    cls = ["M" if i % 2 else "F" for i in range(20)]
+    fam = [f"f{i // 2}" for i in range(20)]  # s0/s1 one family, ...
+    test = ["s0", "s3"]
+    for k in (2, 4, 8):
+        shots = I.few_shot_subjects(subs, cls, k, test, families=fam, seed=k)
+        assert len(shots) == 2 * k and len(set(shots)) == 2 * k
+        assert sum(cls[subs.index(s)] == "M" for s in shots) == k
+        assert not {"s0", "s1", "s2", "s3"} & set(shots)  # the test subjects and their families
+    with pytest.raises(InputError, match="has only"):
+        I.few_shot_subjects(subs, cls, 9, test, families=fam)
+
+
+def test_tuning_learns_a_planted_feature_to_answer_mapping_and_resume_is_exact(tmp_path):
+    f, labels, subjects = planted()
+    texts = [""] * len(f)
+    exs = I.examples(labels, texts, range(len(f)), ["sex"], n_regions=R, seed=0, descriptors=False)
+    m = model()
+    before = I.evaluate(m, f, exs, subjects)
+    hist = I.instruct_train(m, f, exs, steps=60, batch_size=8, lr=5e-3, seed=0)
+    after = I.evaluate(m, f, exs, subjects)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert after["balanced_accuracy"] == 1.0 and after["p_right"] > 0.65 > 0.55 > before["p_right"]
+    # resume: 6 steps in one go == 3 steps, stop, 3 more
+    a, b = model(), model()
+    ha = I.instruct_train(a, f, exs, steps=6, batch_size=4, seed=2, run_dir=tmp_path / "a", ckpt_every=3)
+    I.instruct_train(b, f, exs, steps=6, batch_size=4, seed=2, run_dir=tmp_path / "b", ckpt_every=3, stop_at=3)
+    with pytest.raises(InputError, match="already holds"):
+        I.instruct_train(model(), f, exs, steps=6, run_dir=tmp_path / "b")
+    b2 = model()
+    hb = I.instruct_train(b2, f, exs, steps=6, batch_size=4, seed=2, run_dir=tmp_path / "b", ckpt_every=3, resume=True)
+    assert [r["loss"] for r in ha] == pytest.approx([r["loss"] for r in hb], abs=1e-6)
+    sa, sb = a.trainable_state_dict(), b2.trainable_state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+def test_saved_adapter_reloads_to_identical_answers(tmp_path):
+    from fmri_bench.lm_train import save_model, load_model
+
+    f, labels, subjects = planted()
+    exs = I.examples(labels, [""] * len(f), range(len(f)), ["state"], n_regions=R, descriptors=False)
+    m = model()
+    I.instruct_train(m, f, exs, steps=3, batch_size=4)
+    save_model(m, tmp_path / "m.pt", "tok")
+    again = load_model(tmp_path / "m.pt", tiny_random_llm(0, words=WORDS, width=32), "tok")
+    a, b = I.evaluate(m, f, exs, subjects), I.evaluate(again, f, exs, subjects)
+    assert a["predictions"] == b["predictions"] and a["p_right"] == pytest.approx(b["p_right"], abs=1e-6)
+
+
+def test_balanced_accuracy_and_subject_bootstrap():
+    y = np.array(["a"] * 8 + ["b"] * 2)
+    assert I.balanced_accuracy(y, ["a"] * 10) == 0.5  # majority guessing is chance
+    assert I.balanced_accuracy(y, y) == 1.0
+    ci = I.subject_bootstrap(y, y, np.arange(10))
+    assert ci == [1.0, 1.0]
+    rng = np.random.default_rng(0)
+    yy = rng.choice(["a", "b"], 200)
+    lo, hi = I.subject_bootstrap(yy, rng.choice(["a", "b"], 200), np.repeat(np.arange(50), 4))
+    assert lo < 0.5 < hi
+
+
+def test_tertiles_use_training_subjects_only():
+    v = np.array([0, 1, 2, 3, 4, 5, 100, 200, 300.0])
+    lab = I.tertile_labels(v, [1, 1, 1, 1, 1, 1, 0, 0, 0])
+    assert list(lab[:6]) == ["lower", "lower", "mean", "mean", "higher", "higher"]
+    assert set(lab[6:]) == {"higher"}
