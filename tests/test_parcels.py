@@ -5,6 +5,7 @@ import pytest
 
 from fmri_bench import parcels as P
 from fmri_bench.cli import main
+from fmri_bench.errors import InputError
 from fmri_bench.io import write_cifti, write_gifti
 
 
@@ -149,3 +150,17 @@ def test_corpus_windows_pad_and_carry_the_scan_text():
     assert d.windows.shape == (3, 160, 5) and d.lengths.tolist() == [100, 160, 160]
     assert d.texts == ["text 0", "text 2", "text 2"] and d.subjects == ["s0", "s2", "s2"]
     assert (d.windows[0, 100:] == 0).all()
+
+
+def test_network_series_averages_parcels_per_network_and_hemisphere():
+    from fmri_bench.parcels import ParcelSeries, network_series
+
+    data = np.arange(12, dtype=np.float32).reshape(2, 6)
+    s = ParcelSeries(data, 2.0, "mmp", ["L_a", "L_b", "R_a", "R_b", "L_c", "R_c"], "x.npz",
+                     networks=["Visual", "Default", "Visual", "Visual", "Visual", "none"], key="k", subject="1")
+    n = network_series(s)
+    assert n.labels == ["L_Default", "L_Visual", "R_Visual"]
+    assert np.allclose(n.data[:, 1], data[:, [0, 4]].mean(1)) and np.allclose(n.data[:, 2], data[:, [2, 3]].mean(1))
+    assert np.allclose(n.data[:, 0], data[:, 1]) and n.key == "k" and n.subject == "1" and n.tr == 2.0
+    with pytest.raises(InputError, match="no network names"):
+        network_series(ParcelSeries(data, 2.0, "mmp", list("abcdef"), "y.npz"))
