@@ -282,7 +282,7 @@ def _run_tokenizer(args) -> int:
 
 # --- lm ------------------------------------------------------------------------------------
 def _add_lm(sub) -> None:
-    p = sub.add_parser("lm", help="fMRI-LM: the LLM that reads fMRI (stage 2: align)")
+    p = sub.add_parser("lm", help="fMRI-LM: the LLM that reads fMRI (stage 2: align, stage 3: instruct)")
     lm_sub = p.add_subparsers(dest="lm_command", required=True)
     a = lm_sub.add_parser("align", help="stage 2: train the LLM (LoRA) on F2F / F2T / T2T (resumable)")
     a.add_argument("--config", default=None, help="YAML fMRI-LM config (default: the tiny CPU settings)")
@@ -293,6 +293,23 @@ def _add_lm(sub) -> None:
     a.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     a.add_argument("--llm", default=None, help="LLM: a local model path or name (default SmolLM2-135M-Instruct)")
     a.set_defaults(func=_run_lm_align)
+    i = lm_sub.add_parser("instruct", help="stage 3: instruction-tune a stage-2 model on questions about scans")
+    i.add_argument("--checkpoint", required=True, help="fmri_lm.pt written by lm align")
+    i.add_argument("--windows", required=True, help=".npy parcel windows (n, frames, parcels) in the tokenizer's shape")
+    i.add_argument("--labels", required=True,
+                   help="JSONL, one record per window: subject, text (descriptors), sex / state / fluid_tertile")
+    i.add_argument("--questions", nargs="+", default=["sex"], help="question types: sex, fluid, state")
+    i.add_argument("--run-dir", required=True, help="directory for the checkpoint and fmri_lm.pt")
+    i.add_argument("--steps", type=int, default=50)
+    i.add_argument("--batch-size", type=int, default=4)
+    i.add_argument("--lr", type=float, default=2e-4)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--no-descriptors", action="store_true", help="leave the descriptor text out of the prompts")
+    i.add_argument("--fit-descriptors", action="store_true",
+                   help="cut descriptor texts at sentence ends to fit the prompt budget (default: refuse)")
+    i.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    i.add_argument("--llm", default=None, help="where the checkpoint's LLM is now (default: as trained)")
+    i.set_defaults(func=_run_lm_instruct)
 
 
 def _run_lm_align(args) -> int:
@@ -304,6 +321,18 @@ def _run_lm_align(args) -> int:
     loss = f"{last[-1]['loss']:.4f}" if last else "n/a"
     val = {k: round(v, 4) for k, v in res["val"].items()} or "n/a"
     print(f"step {res['step']}: train loss {loss}, val {val}, {res['seqs_per_s']:.2f} seqs/s -> {args.run_dir}")
+    return 0
+
+
+def _run_lm_instruct(args) -> int:
+    from fmri_bench.lm_instruct import instruct
+
+    if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
+        raise InputError(f"--steps ({args.steps}) and --batch-size ({args.batch_size}) must be >= 1, --lr > 0")
+    res = instruct(args.checkpoint, args.windows, args.labels, args.questions, args.run_dir, steps=args.steps,
+                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, descriptors=not args.no_descriptors,
+                   fit_descriptors=args.fit_descriptors, resume=args.resume, llm=args.llm)
+    print(f"step {res['step']}: answer loss {res['loss']:.4f} on {res['examples']} examples -> {res['run_dir']}/fmri_lm.pt")
     return 0
 
 

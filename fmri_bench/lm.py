@@ -158,13 +158,19 @@ def convert_default(out: str | os.PathLike | None = None, gguf: str | os.PathLik
 
 def _load_dir(path, source: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a sub-second load needs no bar (and errors stay one line)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
         raise InputError(f"cannot load a causal LM ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
                          source) from None
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return model, tok
 
 

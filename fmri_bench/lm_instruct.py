@@ -77,11 +77,25 @@ def tertile_labels(values, train_mask) -> np.ndarray:
     return np.where(v < lo, "lower", np.where(v > hi, "higher", "mean"))
 
 
+def fit_descriptors(text: str, question: str, info: str, tokenizer, max_tokens: int) -> str:
+    """The descriptor text cut at a sentence end so that the whole prompt fits ``max_tokens``
+    tokens of ``tokenizer``: whole sentences are dropped from the end (the FC sentences come
+    first in ``descriptors.render_text``). Empty if not even one sentence fits."""
+    sentences = [s.strip() for s in text.replace("\n", " ").split(". ") if s.strip()]
+    while sentences:
+        desc = ". ".join(sentences).rstrip(".") + ".\n"
+        if len(tokenizer(build_prompt(question, desc, info), add_special_tokens=False)["input_ids"]) <= max_tokens:
+            return desc
+        sentences.pop()
+    return ""
+
+
 def examples(labels: dict[str, np.ndarray], texts, idx, kinds, n_regions: int, seed: int = 0,
-             descriptors: bool = True, paraphrase: int | None = None) -> list[tuple[int, str, str, str]]:
+             descriptors: bool = True, paraphrase: int | None = None, fit=None) -> list[tuple[int, str, str, str]]:
     """(window index, prompt, answer, question type) for every window in ``idx`` and question type
     in ``kinds``; the paraphrase is drawn per example from ``seed`` (or fixed: ``paraphrase``).
-    ``labels``: per-window arrays keyed by ``Question.label``."""
+    ``labels``: per-window arrays keyed by ``Question.label``. ``fit=(tokenizer, max_tokens)``:
+    descriptor texts are cut at sentence ends to fit (``fit_descriptors``), never mid-sentence."""
     rng = np.random.default_rng(seed)
     info = DATASET_INFO.format(regions=n_regions)
     out = []
@@ -95,6 +109,8 @@ def examples(labels: dict[str, np.ndarray], texts, idx, kinds, n_regions: int, s
                 raise InputError(f"label {ans!r} of window {i} is not one of the options {q.options}")
             j = int(rng.integers(len(q.paraphrases))) if paraphrase is None else paraphrase % len(q.paraphrases)
             desc = (texts[i].strip() + "\n") if descriptors else ""
+            if desc and fit is not None:
+                desc = fit_descriptors(desc, q.paraphrases[j], info, *fit)
             out.append((int(i), build_prompt(q.paraphrases[j], desc, info), ans, k))
     return out
 
@@ -223,3 +239,101 @@ def evaluate(model, features: torch.Tensor, exs, subjects, batch_size: int = 8, 
     return {"balanced_accuracy": balanced_accuracy(y, preds), "ci95": subject_bootstrap(y, preds, subs, n_boot, seed),
             "predictions": preds, "p_right": float(np.mean(p_right)), "n": len(exs),
             "n_subjects": len(set(subs)), "chance": 1.0 / len(q.options)}
+
+
+# --- the yardsticks on the same shots --------------------------------------------------------
+def probe_predict(X, y, train_idx, test_idx, C: float = 1.0, seed: int = 0) -> np.ndarray:
+    """A linear probe on exactly the given training items (standardised features, logistic
+    regression at a fixed C: a few shots leave nothing to cross-validate on) -> test predictions.
+    One class in the training items: that class is predicted (the majority rule)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = np.asarray(X, float), np.asarray(y).astype(str)
+    ytr = y[train_idx]
+    if len(np.unique(ytr)) < 2:
+        return np.full(len(test_idx), ytr[0])
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, random_state=seed))
+    return clf.fit(X[train_idx], ytr).predict(X[test_idx])
+
+
+def pooled(features: torch.Tensor) -> np.ndarray:
+    """(n, N, D) token features -> (n, D) mean over tokens (the linear probe's input)."""
+    return features.float().mean(1).numpy()
+
+
+def window_fc(windows: np.ndarray, lengths) -> np.ndarray:
+    """Upper-triangle Fisher-z FC of each window's real frames (n, R(R-1)/2): the FC baseline."""
+    out = []
+    iu = None
+    for w, n in zip(windows, lengths):
+        x = w[: max(int(n), 3)]
+        c = np.corrcoef(x.T)
+        c = np.nan_to_num(c)
+        iu = iu if iu is not None else np.triu_indices(len(c), 1)
+        out.append(np.arctanh(np.clip(c[iu], -0.999, 0.999)))
+    return np.array(out)
+
+
+# --- the command -----------------------------------------------------------------------------
+def read_labels(path, n: int) -> list[dict]:
+    """JSONL, one record per window (in the windows file's order): ``subject``, ``text`` (the
+    scan's descriptors; may be empty) and the labels the questions read (``sex``: Male/Female,
+    ``state``: rest/task, ``fluid_tertile``: lower/mean/higher)."""
+    import json
+
+    if not os.path.isfile(path):
+        raise InputError("labels file not found", path)
+    recs = []
+    with open(path, encoding="utf-8") as fh:
+        for ln, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise InputError(f"line {ln} is not JSON ({err.msg})", path) from None
+    if len(recs) != n:
+        raise InputError(f"{len(recs)} label records for {n} windows", path)
+    for i, r in enumerate(recs):
+        if not isinstance(r, dict) or "subject" not in r:
+            raise InputError(f"record {i + 1} has no 'subject'", path)
+    return recs
+
+
+def instruct(checkpoint, windows_path, labels_path, questions, run_dir, steps: int = 50, batch_size: int = 4,
+             lr: float = 2e-4, seed: int = 0, descriptors: bool = True, fit_descriptors: bool = False,
+             resume: bool = False, llm: str | None = None, progress: bool = True) -> dict:
+    """``fmri-bench lm instruct``: tune a stage-2 model (``lm align``'s ``fmri_lm.pt``) on the
+    question types ``questions`` about the windows of ``windows_path`` with ``labels_path``'s
+    labels -> writes ``run_dir/instruct_checkpoint.pt`` (resumable) and ``run_dir/fmri_lm.pt``
+    (readable by ``fmri-bench ask``). Every prompt is checked before any training: one longer
+    than the model's text budget is refused (or, with ``fit_descriptors``, its descriptor text is
+    cut at sentence ends)."""
+    from fmri_bench.fmri_lm import tokenizer_inputs
+    from fmri_bench.lm_answer import _check_prompt
+    from fmri_bench.lm_train import load_trained, save_model
+
+    kinds = [check_question(q).name for q in questions]
+    if not kinds:
+        raise InputError("no question types given")
+    model, tokenizer, cfg, w, tok_fp = load_trained(checkpoint, windows_path, llm)
+    recs = read_labels(labels_path, len(w))
+    labels = {}
+    for k in kinds:
+        lab = QUESTIONS[k].label
+        missing = [i + 1 for i, r in enumerate(recs) if lab not in r]
+        if missing:
+            raise InputError(f"question {k!r} needs {lab!r} in every record; record {missing[0]} has none", labels_path)
+        labels[lab] = np.array([str(r[lab]) for r in recs])
+    texts = [str(r.get("text", "")) for r in recs]
+    fit = (model.tokenizer, model.config.max_text_tokens) if fit_descriptors else None
+    exs = examples(labels, texts, range(len(w)), kinds, n_regions=tokenizer.config.n_parcels, seed=seed,
+                   descriptors=descriptors, fit=fit)
+    _check_prompt(model, [e[1] for e in exs])  # before any training
+    feats, _ = tokenizer_inputs(tokenizer, torch.from_numpy(w), causal=cfg.causal_features)
+    hist = instruct_train(model, feats, exs, steps, batch_size, lr, seed, run_dir=run_dir, resume=resume,
+                          ckpt_every=max(1, steps // 5), progress=progress)
+    save_model(model, os.path.join(run_dir, "fmri_lm.pt"), tok_fp, cfg)
+    return {"step": hist[-1]["step"] if hist else 0, "loss": hist[-1]["loss"] if hist else float("nan"),
+            "examples": len(exs), "run_dir": str(run_dir)}

@@ -364,36 +364,53 @@ def ask(checkpoint, windows_path, question: str, options, descriptors: str = "",
     checkpoint was trained with (``llm`` overrides the LLM's location; a different LLM is
     refused). With several windows the option probabilities are averaged over them.
     """
-    from fmri_bench import lm as lm_mod
     from fmri_bench.lm_answer import answer, build_prompt, check_options
 
     opts = check_options(options)
-    ck = load_checkpoint(checkpoint)
-    if not ck.get("train_config"):
-        raise InputError("checkpoint holds no training config (not written by lm align)", checkpoint)
-    cfg = LMTrainConfig(**ck["train_config"])
-    if not os.path.isfile(windows_path):
-        raise InputError("scan file not found", windows_path)
-    try:
-        w = np.load(windows_path, allow_pickle=False)
-    except Exception as err:
-        raise InputError(f"cannot read parcel windows ({type(err).__name__})", windows_path) from None
-    w = w[None] if w.ndim == 2 else w
-    if w.ndim != 3 or not np.isfinite(w).all():
-        raise InputError(f"parcel windows must be finite (n, frames, parcels) or (frames, parcels), got shape {w.shape}",
-                         windows_path)
-    tokenizer = load_tokenizer_for(cfg, *_trained_shape(ck))  # the file, or the same untrained one
-    tc = tokenizer.config
-    if (w.shape[1], w.shape[2]) != (tc.n_frames, tc.n_parcels):
-        raise InputError(f"scan has windows of {w.shape[1]} frames x {w.shape[2]} parcels, the model reads "
-                         f"{tc.n_frames} x {tc.n_parcels}", windows_path)
-    fp = tokenizer_fingerprint(tokenizer)
-    model = load_model(checkpoint, lm_mod.load_llm(llm if llm is not None else cfg.llm), fp)
-    feats, _ = tokenizer_inputs(tokenizer, torch.from_numpy(w.astype(np.float32)), causal=cfg.causal_features)
+    model, tokenizer, cfg, w, _ = load_trained(checkpoint, windows_path, llm)
+    feats, _ = tokenizer_inputs(tokenizer, torch.from_numpy(w), causal=cfg.causal_features)
     prompt = build_prompt(question, descriptors, dataset_info)
     res = answer(model, feats, [prompt] * len(feats), opts)
     probs = {o: float(np.mean([r["probabilities"][o] for r in res])) for o in opts}
     return {"answer": max(probs, key=probs.get), "probabilities": probs, "windows": len(feats)}
+
+
+def load_trained(checkpoint, windows_path, llm: str | None = None):
+    """A model file written by ``lm align`` (or ``lm instruct``) and a scan's windows ->
+    (FmriLM with its adapter, its tokenizer, its LMTrainConfig, the windows (n, T, R), the
+    tokenizer's fingerprint). The windows are checked against the tokenizer before the LLM is
+    loaded; ``llm`` overrides where the LLM is now; another LLM or tokenizer is refused."""
+    from fmri_bench import lm as lm_mod
+
+    ck = load_checkpoint(checkpoint)
+    if not ck.get("train_config"):
+        raise InputError("checkpoint holds no training config (not written by lm align)", checkpoint)
+    cfg = LMTrainConfig(**ck["train_config"])
+    tokenizer = load_tokenizer_for(cfg, *_trained_shape(ck))  # the file, or the same untrained one
+    fp = tokenizer_fingerprint(tokenizer)  # before any forward (an untrained VQ initialises on its first batch)
+    w = read_windows(windows_path, tokenizer)
+    model = load_model(checkpoint, lm_mod.load_llm(llm if llm is not None else cfg.llm), fp)
+    return model, tokenizer, cfg, w, fp
+
+
+def read_windows(path, tokenizer) -> np.ndarray:
+    """A ``.npy`` of parcel windows, (n, T, R) or one (T, R), checked against the tokenizer's
+    frames x parcels -> float32 (n, T, R)."""
+    if not os.path.isfile(path):
+        raise InputError("scan file not found", path)
+    try:
+        w = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise InputError(f"cannot read parcel windows ({type(err).__name__})", path) from None
+    w = w[None] if w.ndim == 2 else w
+    if w.ndim != 3 or not np.isfinite(w).all():
+        raise InputError(f"parcel windows must be finite (n, frames, parcels) or (frames, parcels), got shape {w.shape}",
+                         path)
+    tc = tokenizer.config
+    if (w.shape[1], w.shape[2]) != (tc.n_frames, tc.n_parcels):
+        raise InputError(f"scan has windows of {w.shape[1]} frames x {w.shape[2]} parcels, the model reads "
+                         f"{tc.n_frames} x {tc.n_parcels}", path)
+    return w.astype(np.float32)
 
 
 def _trained_shape(ck: dict) -> tuple[int, int]:

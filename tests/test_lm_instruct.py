@@ -124,3 +124,69 @@ def test_tertiles_use_training_subjects_only():
     lab = I.tertile_labels(v, [1, 1, 1, 1, 1, 1, 0, 0, 0])
     assert list(lab[:6]) == ["lower", "lower", "mean", "mean", "higher", "higher"]
     assert set(lab[6:]) == {"higher"}
+
+
+def test_descriptors_are_cut_at_sentence_ends_to_fit_the_prompt():
+    m = model()
+    f, labels, subjects = planted()
+    text = "the brain network coupling is elevated. the scan is typical. the network is reduced."
+    full = I.examples(labels, [text] * len(f), [0], ["sex"], n_regions=R, paraphrase=0)[0][1]
+    n_full = len(m.tokenizer(full, add_special_tokens=False)["input_ids"])
+    cut = I.examples(labels, [text] * len(f), [0], ["sex"], n_regions=R, paraphrase=0, fit=(m.tokenizer, n_full - 2))[0][1]
+    assert len(m.tokenizer(cut, add_special_tokens=False)["input_ids"]) <= n_full - 2
+    assert "the scan is typical." in cut and "reduced" not in cut  # the last sentence went, whole
+    none = I.examples(labels, [text] * len(f), [0], ["sex"], n_regions=R, paraphrase=0, fit=(m.tokenizer, 5))[0][1]
+    assert "coupling" not in none and none.endswith("### Answer:")
+
+
+def test_cli_instruct_tunes_a_stage2_model_and_refuses_bad_input(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from fmri_bench import cli
+    from fmri_bench.lm_train import load_config
+
+    llm = tiny_random_llm(0, words=WORDS, width=32)
+    llm.model.save_pretrained(tmp_path / "llm")
+    llm.tokenizer.save_pretrained(tmp_path / "llm")
+    over = ["tokenizer_overrides={n_parcels: 4, n_frames: 30, patch_len: 10, embed_dim: 16, num_heads: 2, depth: 1, "
+            "decoder_depth: 1, code_dim: 8, codebook_size: 16}", "steps=2", "progress=false", "eval_every=0",
+            "ckpt_every=0", "data.n_subjects=4", "data.windows_per_subject=1", "model_overrides={max_text_tokens: 64, "
+            "precision: fp32}", "t2t_batch_size=1", "data.t2t_val_paragraphs=2"]
+    cfgp = tmp_path / "c.yaml"
+    cfgp.write_text(yaml.safe_dump(load_config(None, over).to_dict()))
+    assert cli.main(["lm", "align", "--config", str(cfgp), "--run-dir", str(tmp_path / "s2"), "--llm", str(tmp_path / "llm")]) == 0
+    ck = str(tmp_path / "s2" / "fmri_lm.pt")
+    w = np.random.default_rng(0).standard_normal((6, 30, 4)).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    lab = tmp_path / "labels.jsonl"
+    lab.write_text("".join(json.dumps({"subject": f"s{i // 2}", "sex": "Male" if i % 2 else "Female", "state": "rest",
+                                       "text": "the brain network coupling is elevated."}) + "\n" for i in range(6)))
+    capsys.readouterr()
+    base = ["lm", "instruct", "--checkpoint", ck, "--windows", str(tmp_path / "w.npy"), "--labels", str(lab),
+            "--llm", str(tmp_path / "llm"), "--steps", "3"]
+    assert cli.main(base + ["--run-dir", str(tmp_path / "s3")]) == 0
+    assert "step 3" in capsys.readouterr().out and (tmp_path / "s3" / "fmri_lm.pt").is_file()
+    rc = cli.main(["ask", "What is the sex of the participant?", "--checkpoint", str(tmp_path / "s3" / "fmri_lm.pt"),
+                   "--scan", str(tmp_path / "w.npy"), "--options", "Male", "Female", "--llm", str(tmp_path / "llm")])
+    assert rc == 0 and capsys.readouterr().out.startswith("answer: ")
+    np.save(tmp_path / "bad.npy", np.zeros((6, 30, 5), np.float32))
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"subject": "s", "sex": "Male", "text": "the scan is typical. " * 40}) + "\n"
+                            for _ in range(6)))
+    for args, msg in [(["--windows", str(tmp_path / "bad.npy")], "5 parcels"),
+                      (["--labels", str(long)], "longer than max_text_tokens"),
+                      (["--questions", "iq"], "unknown question type"),
+                      (["--questions", "fluid"], "needs 'fluid_tertile'")]:
+        a = list(base)
+        for j in range(0, len(args), 2):
+            if args[j] in a:
+                a[a.index(args[j]) + 1] = args[j + 1]
+            else:
+                a += args[j:j + 2]
+        rc = cli.main(a + ["--run-dir", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "x" / "fmri_lm.pt").exists()
+    assert cli.main(base + ["--labels", str(long), "--fit-descriptors", "--run-dir", str(tmp_path / "fit")]) == 0

@@ -119,6 +119,7 @@ def test_bad_config_values_are_one_line_errors(override, msg):
     with pytest.raises(InputError, match=msg):
         tt.load_config(None, [override])
     assert tt.load_config(None, []).lr > 0  # the defaults pass
+    assert tt.load_config(None, ["lr=1e-3"]).lr == 1e-3  # YAML 1.1 reads this as a string
 
 
 def _cfg(tmp_path, **kw):

@@ -208,6 +208,12 @@ def check_values(obj, minimum: dict[str, float], what: str = "config", exclusive
         elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
             problems.append(f"{f.name} must be a whole number, got {value!r}")
         elif kind == "float":
+            if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+                try:
+                    value = float(value)
+                    setattr(obj, f.name, value)
+                except ValueError:
+                    pass
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 problems.append(f"{f.name} must be a number, got {value!r}")
             else:
