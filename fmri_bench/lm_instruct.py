@@ -157,16 +157,27 @@ def subject_bootstrap(y_true, y_pred, subjects, n_boot: int = 1000, seed: int = 
 # --- training --------------------------------------------------------------------------------
 def instruct_train(model, features: torch.Tensor, exs, steps: int, batch_size: int = 4, lr: float = 2e-4,
                    seed: int = 0, run_dir=None, resume: bool = False, ckpt_every: int = 0,
-                   stop_at: int | None = None, progress: bool = False) -> list[dict]:
+                   stop_at: int | None = None, progress: bool = False, tokenizer_fp: str | None = None,
+                   settings: dict | None = None) -> list[dict]:
     """Tune ``model`` (an ``FmriLM``: its trainable adapter + heads) on ``exs`` (``examples``):
     cross-entropy on the answer tokens only (the prompt is context; the F2F / T2T terms are off).
     Batches are drawn with a seeded generator; with ``run_dir`` a checkpoint (trainable state,
     optimizer, random states, step) is written atomically every ``ckpt_every`` steps and at the
-    end, and ``resume=True`` continues from it exactly. -> history [{"step", "loss"}]."""
+    end, and ``resume=True`` continues from it exactly. -> history [{"step", "loss"}].
+
+    The checkpoint records the LLM's and the tokenizer's fingerprints (``tokenizer_fp``) and the
+    run's settings (steps, batch size, lr, seed, a digest of the examples, and ``settings``, e.g.
+    a digest of the windows); resuming with another LLM, tokenizer or settings is refused."""
+    import hashlib
+    import json
+
     from tqdm.auto import tqdm
 
     if not exs:
         raise InputError("no instruction examples")
+    digest = hashlib.sha256(json.dumps([list(e) for e in exs]).encode()).hexdigest()[:16]
+    settings = {"steps": int(steps), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
+                "examples": digest, **(settings or {})}
     ckpt = None if run_dir is None else os.path.join(run_dir, "instruct_checkpoint.pt")
     if run_dir is not None:
         os.makedirs(run_dir, exist_ok=True)
@@ -178,8 +189,17 @@ def instruct_train(model, features: torch.Tensor, exs, steps: int, batch_size: i
     step, hist = 0, []
     if ckpt is not None and resume and os.path.exists(ckpt):
         ck = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if ck.get("format") != CHECKPOINT_FORMAT or ck.get("llm") != model.llm_fingerprint:
-            raise InputError("not an instruct checkpoint of this LLM", ckpt)
+        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+            raise InputError("not an fMRI-LM instruct checkpoint", ckpt)
+        if ck.get("llm") != model.llm_fingerprint:
+            raise InputError("instruct checkpoint was trained with another LLM (its fingerprint differs)", ckpt)
+        if ck.get("tokenizer") != tokenizer_fp:
+            raise InputError("instruct checkpoint was trained with another tokenizer (its fingerprint differs)", ckpt)
+        old = ck.get("settings") or {}
+        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in (settings or {}).items() if old.get(k) != v]
+        if diff:
+            raise InputError("instruct checkpoint was made with other settings (" + "; ".join(diff[:4])
+                             + "): resume with the same ones, or use a new run directory", ckpt)
         model.load_trainable_state_dict(ck["trainable"], ckpt)
         opt.load_state_dict(ck["optimizer"])
         set_rng_state(ck["rng"], gen)
@@ -187,7 +207,8 @@ def instruct_train(model, features: torch.Tensor, exs, steps: int, batch_size: i
 
     def save():
         obj = {"format": CHECKPOINT_FORMAT, "trainable": model.trainable_state_dict(), "optimizer": opt.state_dict(),
-               "rng": rng_state(gen), "step": step, "history": hist, "llm": model.llm_fingerprint}
+               "rng": rng_state(gen), "step": step, "history": hist, "llm": model.llm_fingerprint,
+               "tokenizer": tokenizer_fp, "settings": dict(settings or {})}
         atomic_save(lambda tmp: torch.save(obj, tmp), ckpt)
 
     saved = {k: getattr(model.config, k) for k in ("f2f_weight", "t2t_weight", "f2t_weight")}
@@ -332,8 +353,12 @@ def instruct(checkpoint, windows_path, labels_path, questions, run_dir, steps: i
                    descriptors=descriptors, fit=fit)
     _check_prompt(model, [e[1] for e in exs])  # before any training
     feats, _ = tokenizer_inputs(tokenizer, torch.from_numpy(w), causal=cfg.causal_features)
+    import hashlib
+
+    windows_digest = hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()[:16]
     hist = instruct_train(model, feats, exs, steps, batch_size, lr, seed, run_dir=run_dir, resume=resume,
-                          ckpt_every=max(1, steps // 5), progress=progress)
+                          ckpt_every=max(1, steps // 5), progress=progress, tokenizer_fp=tok_fp,
+                          settings={"windows": windows_digest})
     save_model(model, os.path.join(run_dir, "fmri_lm.pt"), tok_fp, cfg)
     return {"step": hist[-1]["step"] if hist else 0, "loss": hist[-1]["loss"] if hist else float("nan"),
             "examples": len(exs), "run_dir": str(run_dir)}

@@ -32,14 +32,16 @@ def planted(n=24, seed=0):
     male = np.repeat(rng.permutation(np.arange(n // 2) % 2 == 0), 2)
     f = torch.randn(n, R * NT, D_, generator=torch.Generator().manual_seed(seed)) * 0.1
     f[:, :, 0] = torch.from_numpy(np.where(male, 2.0, -2.0)).float()[:, None]
-    labels = {"sex": np.where(male, "Male", "Female"), "state": np.where(np.arange(n) % 2, "task", "rest")}
+    labels = {"sex": np.where(male, "Male", "Female"), "state": np.where(np.arange(n) % 2, "task", "rest"),
+              "fluid_tertile": np.array(["lower", "mean", "higher"])[np.arange(n) % 3]}
     return f, labels, subjects
 
 
 def test_examples_never_state_the_answer_and_follow_the_prompt_template():
     f, labels, subjects = planted()
     texts = ["the brain network coupling is elevated"] * len(f)
-    for kind in ("sex", "state"):
+    assert set(I.QUESTIONS) == {"sex", "state", "fluid"}  # every question type is checked
+    for kind in I.QUESTIONS:
         exs = I.examples(labels, texts, range(len(f)), [kind], n_regions=R, seed=0)
         q = I.QUESTIONS[kind]
         assert len(exs) == len(f) and {e[2] for e in exs} == set(q.options)
@@ -190,3 +192,27 @@ def test_cli_instruct_tunes_a_stage2_model_and_refuses_bad_input(tmp_path, capsy
         assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "x" / "fmri_lm.pt").exists()
     assert cli.main(base + ["--labels", str(long), "--fit-descriptors", "--run-dir", str(tmp_path / "fit")]) == 0
+
+
+def test_resume_refuses_another_llm_tokenizer_or_settings(tmp_path):
+    f, labels, subjects = planted()
+    exs = I.examples(labels, [""] * len(f), range(len(f)), ["sex"], n_regions=R, descriptors=False)
+    run = tmp_path / "r"
+    kw = dict(steps=4, batch_size=2, seed=0, run_dir=run, ckpt_every=2, tokenizer_fp="tokA", settings={"windows": "w1"})
+    I.instruct_train(model(), f, exs, stop_at=2, **kw)
+    ck = torch.load(run / "instruct_checkpoint.pt", weights_only=False)
+    assert ck["tokenizer"] == "tokA" and ck["settings"]["windows"] == "w1" and ck["step"] == 2
+    bad = [(dict(kw, tokenizer_fp="tokB"), "another tokenizer"), (dict(kw, lr=1e-3), "other settings"),
+           (dict(kw, settings={"windows": "w2"}), "other settings"), (dict(kw, steps=6), "other settings")]
+    for over, msg in bad:
+        with pytest.raises(InputError, match=msg):
+            I.instruct_train(model(), f, exs, resume=True, **over)
+    with pytest.raises(InputError, match="other settings"):  # other examples (another question)
+        I.instruct_train(model(), f, I.examples(labels, [""] * len(f), range(len(f)), ["state"], n_regions=R,
+                                                descriptors=False), resume=True, **kw)
+    other = FmriLM(tiny_random_llm(5, words=WORDS, width=32),
+                   fmri_lm_config(feat_dim=D_, n_parcels=R, n_time_patches=NT, n_codes=5, precision="fp32",
+                                  lora_dropout=0.0, max_text_tokens=64))
+    with pytest.raises(InputError, match="another LLM"):
+        I.instruct_train(other, f, exs, resume=True, **kw)
+    assert len(I.instruct_train(model(), f, exs, resume=True, **kw)) == 4  # the same settings resume
