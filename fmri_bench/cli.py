@@ -294,16 +294,18 @@ def _add_lm(sub) -> None:
     a.add_argument("--llm", default=None, help="LLM: a local model path or name (default SmolLM2-135M-Instruct)")
     a.set_defaults(func=_run_lm_align)
     i = lm_sub.add_parser("instruct", help="stage 3: instruction-tune a stage-2 model on questions about scans")
-    i.add_argument("--checkpoint", required=True, help="fmri_lm.pt written by lm align")
-    i.add_argument("--windows", required=True, help=".npy parcel windows (n, frames, parcels) in the tokenizer's shape")
-    i.add_argument("--labels", required=True,
+    i.add_argument("--config", default=None, help="YAML instruct config (configs/instruct_tiny_cpu.yaml); flags win")
+    i.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides: steps=100 questions=[sex,state]")
+    i.add_argument("--checkpoint", default=None, help="fmri_lm.pt written by lm align")
+    i.add_argument("--windows", default=None, help=".npy parcel windows (n, frames, parcels) in the tokenizer's shape")
+    i.add_argument("--labels", default=None,
                    help="JSONL, one record per window: subject, text (descriptors), sex / state / fluid_tertile")
-    i.add_argument("--questions", nargs="+", default=["sex"], help="question types: sex, fluid, state")
+    i.add_argument("--questions", nargs="+", default=None, help="question types: sex, fluid, state (default sex)")
     i.add_argument("--run-dir", required=True, help="directory for the checkpoint and fmri_lm.pt")
-    i.add_argument("--steps", type=int, default=50)
-    i.add_argument("--batch-size", type=int, default=4)
-    i.add_argument("--lr", type=float, default=2e-4)
-    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--steps", type=int, default=None, help="default 50")
+    i.add_argument("--batch-size", type=int, default=None, help="default 4")
+    i.add_argument("--lr", type=float, default=None, help="default 2e-4")
+    i.add_argument("--seed", type=int, default=None, help="default 0")
     i.add_argument("--no-descriptors", action="store_true", help="leave the descriptor text out of the prompts")
     i.add_argument("--fit-descriptors", action="store_true",
                    help="cut descriptor texts at sentence ends to fit the prompt budget (default: refuse)")
@@ -325,13 +327,16 @@ def _run_lm_align(args) -> int:
 
 
 def _run_lm_instruct(args) -> int:
-    from fmri_bench.lm_instruct import instruct
+    from fmri_bench.lm_instruct import instruct, load_instruct_config
 
-    if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
-        raise InputError(f"--steps ({args.steps}) and --batch-size ({args.batch_size}) must be >= 1, --lr > 0")
-    res = instruct(args.checkpoint, args.windows, args.labels, args.questions, args.run_dir, steps=args.steps,
-                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, descriptors=not args.no_descriptors,
-                   fit_descriptors=args.fit_descriptors, resume=args.resume, llm=args.llm)
+    c = load_instruct_config(args.config, args.overrides, checkpoint=args.checkpoint, windows=args.windows,
+                             labels=args.labels, questions=args.questions, steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, seed=args.seed, llm=args.llm,
+                             descriptors=False if args.no_descriptors else None,
+                             fit_descriptors=True if args.fit_descriptors else None)
+    res = instruct(c.checkpoint, c.windows, c.labels, c.questions, args.run_dir, steps=c.steps,
+                   batch_size=c.batch_size, lr=c.lr, seed=c.seed, descriptors=c.descriptors,
+                   fit_descriptors=c.fit_descriptors, resume=args.resume, llm=c.llm)
     print(f"step {res['step']}: answer loss {res['loss']:.4f} on {res['examples']} examples -> {res['run_dir']}/fmri_lm.pt")
     return 0
 

@@ -322,6 +322,55 @@ def read_labels(path, n: int) -> list[dict]:
     return recs
 
 
+@dataclass
+class InstructConfig:
+    """``fmri-bench lm instruct --config``: the run's inputs and settings (YAML + overrides)."""
+
+    checkpoint: str | None = None      # fmri_lm.pt written by lm align
+    windows: str | None = None         # .npy parcel windows (n, frames, parcels)
+    labels: str | None = None          # JSONL, one record per window
+    questions: tuple = ("sex",)
+    steps: int = 50
+    batch_size: int = 4
+    lr: float = 2e-4
+    seed: int = 0
+    descriptors: bool = True
+    fit_descriptors: bool = False
+    llm: str | None = None
+
+
+def load_instruct_config(path=None, overrides=(), **given) -> InstructConfig:
+    """YAML file (or defaults) + ``key=value`` overrides + ``given`` (the command line's flags,
+    None = not given) -> a checked ``InstructConfig``; one-line ``InputError`` otherwise."""
+    from fmri_bench.config import read_config
+    from fmri_bench.models.mae import check_keys
+
+    d = read_config(path, overrides)
+    src = str(path) if path is not None else None
+    check_keys(d, InstructConfig, src, what="instruct config")
+    d.update({k: v for k, v in given.items() if v is not None})
+    cfg = InstructConfig(**d)
+    if isinstance(cfg.questions, str):
+        cfg.questions = (cfg.questions,)
+    if not isinstance(cfg.questions, (list, tuple)) or not cfg.questions:
+        raise InputError("questions must be a non-empty list of question types (sex, fluid, state)", src)
+    cfg.questions = tuple(check_question(str(q)).name for q in cfg.questions)
+    for k in ("steps", "batch_size", "seed"):
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "seed" else 1):
+            raise InputError(f"{k} must be an integer >= {0 if k == 'seed' else 1}, got {v!r}", src)
+    if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not cfg.lr > 0:
+        raise InputError(f"lr must be a number > 0, got {cfg.lr!r}", src)
+    cfg.lr = float(cfg.lr)
+    for k in ("descriptors", "fit_descriptors"):
+        if not isinstance(getattr(cfg, k), bool):
+            raise InputError(f"{k} must be true or false, got {getattr(cfg, k)!r}", src)
+    for k in ("checkpoint", "windows", "labels"):
+        if not getattr(cfg, k):
+            raise InputError(f"no {k}: give --{k} or {k}: in the config", src)
+    return cfg
+
+
 def instruct(checkpoint, windows_path, labels_path, questions, run_dir, steps: int = 50, batch_size: int = 4,
              lr: float = 2e-4, seed: int = 0, descriptors: bool = True, fit_descriptors: bool = False,
              resume: bool = False, llm: str | None = None, progress: bool = True) -> dict:

@@ -192,6 +192,33 @@ def test_cli_instruct_tunes_a_stage2_model_and_refuses_bad_input(tmp_path, capsy
         assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "x" / "fmri_lm.pt").exists()
     assert cli.main(base + ["--labels", str(long), "--fit-descriptors", "--run-dir", str(tmp_path / "fit")]) == 0
+    # the same run from a YAML config (+ key=value overrides; flags win over the file)
+    cfg = tmp_path / "i.yaml"
+    cfg.write_text(yaml.safe_dump({"checkpoint": ck, "windows": str(tmp_path / "w.npy"), "labels": str(lab),
+                                   "questions": ["sex"], "steps": 9, "llm": str(tmp_path / "llm")}))
+    assert cli.main(["lm", "instruct", "--config", str(cfg), "--run-dir", str(tmp_path / "c1"), "steps=2"]) == 0
+    assert "step 2:" in capsys.readouterr().out and (tmp_path / "c1" / "fmri_lm.pt").is_file()
+    assert cli.main(["lm", "instruct", "--config", str(cfg), "--run-dir", str(tmp_path / "c2"), "steps=2",
+                     "--steps", "1"]) == 0
+    assert "step 1:" in capsys.readouterr().out
+    for extra, msg in [(["stepz=3"], "unknown instruct config key 'stepz' (did you mean 'steps'?)"),
+                       (["steps=0"], "steps must be an integer >= 1"), (["lr=-1"], "lr must be a number > 0"),
+                       (["questions=[iq]"], "unknown question type"), (["checkpoint=null"], "no checkpoint")]:
+        rc = cli.main(["lm", "instruct", "--config", str(cfg), "--run-dir", str(tmp_path / "y")] + extra)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "y").exists()
+
+
+def test_shipped_instruct_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "configs"
+    for name in ("instruct_tiny_cpu.yaml", "instruct_paper.yaml"):
+        with pytest.raises(InputError, match="no checkpoint"):
+            I.load_instruct_config(root / name)
+        c = I.load_instruct_config(root / name, ["checkpoint=a.pt", "windows=w.npy", "labels=l.jsonl"])
+        assert c.steps >= 1 and c.lr > 0 and set(c.questions) <= set(I.QUESTIONS) and c.descriptors
 
 
 def test_resume_refuses_another_llm_tokenizer_or_settings(tmp_path):
