@@ -243,3 +243,27 @@ def test_resume_refuses_another_llm_tokenizer_or_settings(tmp_path):
     with pytest.raises(InputError, match="another LLM"):
         I.instruct_train(other, f, exs, resume=True, **kw)
     assert len(I.instruct_train(model(), f, exs, resume=True, **kw)) == 4  # the same settings resume
+
+
+@pytest.mark.slow
+def test_ablation_script_runs_every_variant_on_the_same_shots(capsys):
+    """benchmarks/ablate_instruct.py on the smoke cohort with a tiny random Llama: each variant
+    trains what it says (frozen: fewer trainable parameters) and the last line is machine-readable."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "ablate_instruct.py"
+    spec = importlib.util.spec_from_file_location("ablate_instruct", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res, yard = mod.main(["--llm", "tiny", "--cohort", "smoke", "--windows-per-subject", "2", "--test-per-class", "1",
+                          "--tok-steps", "2", "--instruct-steps", "1", "--shot-steps", "1", "--k", "1",
+                          "--batch-size", "2", "--n-boot", "20"])
+    assert set(res) == {"lora", "frozen", "nodesc"}
+    assert res["frozen"]["trainable"] < res["lora"]["trainable"] == res["nodesc"]["trainable"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(f.split("=") for f in last.split()[1:])
+    assert last.startswith("ablate_instruct ") and fields["data"] == "synthetic"
+    for key in ("state_lora", "state_frozen", "state_nodesc", "sex_lora", "sex_frozen", "sex_nodesc", "sex_probe",
+                "state_runlength", "seconds"):
+        assert 0 <= float(fields[key]) <= (1e6 if key == "seconds" else 100)
