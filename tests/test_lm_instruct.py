@@ -267,3 +267,23 @@ def test_ablation_script_runs_every_variant_on_the_same_shots(capsys):
     for key in ("state_lora", "state_frozen", "state_nodesc", "sex_lora", "sex_frozen", "sex_nodesc", "sex_probe",
                 "state_runlength", "seconds"):
         assert 0 <= float(fields[key]) <= (1e6 if key == "seconds" else 100)
+
+
+@pytest.mark.slow  # the real SmolLM2-135M-Instruct from the cache (< 60 s on 2 cores)
+def test_real_default_llm_learns_one_feature_to_sex_in_a_few_steps():
+    from fmri_bench.lm import load_llm
+
+    try:
+        llm = load_llm(None)
+    except InputError as err:
+        pytest.skip(f"default LLM not available offline: {err}")
+    torch.manual_seed(0)
+    m = FmriLM(llm, fmri_lm_config(feat_dim=D_, n_parcels=R, n_time_patches=NT, n_codes=5, precision="fp32",
+                                   lora_dropout=0.0, max_text_tokens=64))
+    f, labels, subjects = planted(n=8)
+    exs = I.examples(labels, [""] * len(f), range(len(f)), ["sex"], n_regions=R, seed=0, descriptors=False,
+                     paraphrase=0)
+    hist = I.instruct_train(m, f, exs, steps=8, batch_size=4, lr=3e-3, seed=0)
+    after = I.evaluate(m, f, exs, subjects, n_boot=10)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert after["balanced_accuracy"] == 1.0, (hist, after)
