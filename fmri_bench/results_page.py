@@ -68,7 +68,7 @@ PAPER_ROWS = [
     PaperRow(BM, "age quartiles: FC", 45.6, "%", "traits, balanced accuracy",
              "ch05_trait_decoding", {"task": "age*", "method": "fc"}, "mean %", "max", "95% CI"),
     PaperRow(LM, "HCP sex, fine-tuned fMRI-LM (Qwen3)", 83.0, "%", "results table",
-             "ch08_zero_few_shot", {"task": "sex few-shot", "method": "fmri-lm*", "k": "16"}, "mean %", "max", "95% CI"),
+             "ch08_zero_few_shot", {"task": "sex few-shot", "method": "fmri-lm*", "k": "8"}, "mean %", "max", "95% CI"),
     PaperRow(LM, "HCP sex, BrainLM", 81.1, "%", "results table", None, {}, ""),
 ]
 
