@@ -189,13 +189,15 @@ def build_model(cfg: LMTrainConfig, llm, tokenizer) -> FmriLM:
 
 
 def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int | None = None, llm=None,
-          data=None, tokenizer=None) -> dict:
+          data=None, tokenizer=None, val_subjects=None) -> dict:
     """Train for ``cfg.steps`` updates -> {"step", "model", "history", "val", "val_before",
     "yardsticks", "split", "seqs_per_s"}.
 
     llm: a ``LoadedLM`` to use instead of loading ``cfg.llm``; data: a ``WindowData`` instead of
     ``cfg.data``; tokenizer: a ``NeuralTokenizer`` instead of ``cfg.tokenizer``.
-    stop_at: stop after this step as if killed (the run resumes later).
+    stop_at: stop after this step as if killed (the run resumes later). val_subjects: the
+    held-out subjects (their windows are never trained on); None: ``cfg.data.val_fraction`` of
+    the subjects, drawn with ``cfg.seed``.
     """
     from fmri_bench import lm as lm_mod
     from fmri_bench.models.tokenizer import tokenizer_config
@@ -231,7 +233,15 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
     order = np.random.default_rng(cfg.seed).permutation(len(paras))
     plain_val = [paras[i] for i in order[:n_val_p]]
     plain_tr = [paras[i] for i in order[n_val_p:]]
-    tr, va = split_subjects(data.subjects, cfg.data.val_fraction, cfg.seed)
+    if val_subjects is None:
+        tr, va = split_subjects(data.subjects, cfg.data.val_fraction, cfg.seed)
+    else:
+        held = set(map(str, val_subjects))
+        unknown = sorted(held - set(map(str, data.subjects)))
+        if unknown:
+            raise InputError(f"val_subjects not in the data: {', '.join(unknown[:5])}")
+        va = np.array([i for i, s in enumerate(data.subjects) if str(s) in held], dtype=int)
+        tr = np.array([i for i, s in enumerate(data.subjects) if str(s) not in held], dtype=int)
     if len(tr) < 1:
         raise InputError("no training windows after the subject split")
     mc = model.config

@@ -292,3 +292,15 @@ def test_cli_ask_answers_and_refuses_bad_input(tmp_path, capsys, one_thread):
         rc = cli.main(["ask", "q", "--checkpoint", ck, *args])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
+
+
+def test_named_val_subjects_are_held_out_and_unknown_ones_refused(tmp_path, one_thread):
+    cfg = _cfg(tmp_path)
+    held = ["sub-001", "sub-004"]  # synthetic_windows' subject ids are sub-000, sub-001, ...
+    res = train(cfg, None, llm=tiny_llm(), val_subjects=held)
+    tr, va = res["split"]
+    w = cfg.data.windows_per_subject
+    assert sorted(va.tolist()) == [w, w + 1, 4 * w, 4 * w + 1]  # exactly the named subjects' windows
+    assert len(tr) == (cfg.data.n_subjects - 2) * w and set(va.tolist()).isdisjoint(tr.tolist())
+    with pytest.raises(InputError, match="val_subjects not in the data"):
+        train(cfg, None, llm=tiny_llm(), val_subjects=["nobody"])
