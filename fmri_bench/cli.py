@@ -300,7 +300,7 @@ def _add_lm(sub) -> None:
     i.add_argument("--windows", default=None, help=".npy parcel windows (n, frames, parcels) in the tokenizer's shape")
     i.add_argument("--labels", default=None,
                    help="JSONL, one record per window: subject, text (descriptors), sex / state / fluid_tertile")
-    i.add_argument("--questions", nargs="+", default=None, help="question types: sex, fluid, state (default sex)")
+    i.add_argument("--questions", nargs="+", default=None, help="question types: sex, fluid, state, paradigm, age_bin, age (default sex)")
     i.add_argument("--run-dir", required=True, help="directory for the checkpoint and fmri_lm.pt")
     i.add_argument("--steps", type=int, default=None, help="default 50")
     i.add_argument("--batch-size", type=int, default=None, help="default 4")

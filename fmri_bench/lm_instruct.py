@@ -9,8 +9,15 @@ out of instruction tuning; few-shot: the adapter fine-tuned on k labelled subjec
 (The public code takes at most one example per class for few-shot and samples among the
 allowed answers instead of scoring them; here k shots per class and scoring, as the paper.)
 
-- ``QUESTIONS``: the question types (sex, fluid-intelligence tertile, rest / task state), each
-  with paraphrases, options and the label it reads.
+- ``QUESTIONS``: the question types, each with paraphrases, options and the label it reads:
+  sex, fluid-intelligence tertile, rest / task state, the task paradigm of the run (HCP's seven
+  tasks or rest), age as a bin (the HCP young-adult release's bins 22-25 / 26-30 / 31-35 / 36+)
+  and age as a number of years (22-37, the HCP young-adult range; a numeric question also
+  reports the mean absolute error). ``age_bin``, ``age_years`` and ``paradigm_label`` make the
+  labels. The 21 event-level states of the flat-map benchmark change within a run every few
+  seconds, so a 160-frame window has no single one of them; same-subject identification needs
+  two scans in one prompt, which this model (one fMRI block per sequence) does not read: both
+  are left out.
 - ``examples``: (window, prompt, answer) triples for the chosen windows and question types;
   ``descriptors=False`` leaves the descriptor text out (the paper's ablation).
 - ``instruct_train``: AdamW on the adapter + heads for those examples (loss on the answer
@@ -45,6 +52,14 @@ class Question:
     label: str
     options: tuple[str, ...]
     paraphrases: tuple[str, ...]
+    numeric: bool = False  # options are numbers: evaluate also reports the mean absolute error
+
+
+# HCP task names as they appear in run names (tfMRI_WM_LR, ...) -> the words the options use
+PARADIGMS = {"REST": "rest", "WM": "working memory", "EMOTION": "emotion", "LANGUAGE": "language",
+             "MOTOR": "motor", "RELATIONAL": "relational", "SOCIAL": "social", "GAMBLING": "gambling"}
+AGE_BINS = ("22-25", "26-30", "31-35", "36+")  # the HCP young-adult release's age bins
+AGE_YEARS = tuple(str(a) for a in range(22, 38))
 
 
 QUESTIONS = {
@@ -59,7 +74,44 @@ QUESTIONS = {
         "Was this scan recorded at rest or during a task?",
         "Is the participant resting or doing a task in this scan?",
         "Brain state during this scan: rest or task?")),
+    "paradigm": Question("paradigm", "paradigm", tuple(PARADIGMS.values()), (
+        "Which task was the participant doing in this scan (or were they at rest)?",
+        "Name the paradigm of this scan.",
+        "What was the participant doing during this scan?")),
+    "age_bin": Question("age_bin", "age_bin", AGE_BINS, (
+        "In which age range is the participant?",
+        "How old is the participant: 22-25, 26-30, 31-35 or 36 and over?")),
+    "age": Question("age", "age_years", AGE_YEARS, (
+        "How old is the participant, in years?",
+        "What is the participant's age in years?"), numeric=True),
 }
+
+
+def age_bin(age) -> np.ndarray:
+    """Ages in years -> the HCP young-adult bins ('22-25', '26-30', '31-35', '36+'), by whole years."""
+    a = np.floor(np.asarray(age, float))
+    if np.any(a < 22) or np.any(~np.isfinite(a)):
+        raise InputError(f"age bins start at 22 (the HCP young-adult range); got {np.nanmin(a):g}")
+    return np.array(AGE_BINS)[np.searchsorted([26, 31, 36], a, side="right")]
+
+
+def age_years(age) -> np.ndarray:
+    """Ages -> whole years as strings ('22' ... '37'); outside 22-37 is an InputError."""
+    a = np.floor(np.asarray(age, float))
+    if np.any(a < 22) or np.any(a > 37) or np.any(~np.isfinite(a)):
+        raise InputError("the age question answers 22-37 years (the HCP young-adult range); "
+                         f"got ages {np.nanmin(a):g}-{np.nanmax(a):g}")
+    return a.astype(int).astype(str)
+
+
+def paradigm_label(run: str) -> str:
+    """An HCP run name (rfMRI_REST1_LR, tfMRI_WM_RL, ...) -> the paradigm option ('rest', 'working memory', ...)."""
+    parts = str(run).upper().replace("-", "_").split("_")
+    for p in parts:
+        key = "REST" if p.startswith("REST") else p
+        if key in PARADIGMS:
+            return PARADIGMS[key]
+    raise InputError(f"run {run!r} names none of the paradigms {', '.join(PARADIGMS)}")
 
 
 def check_question(name: str) -> Question:
@@ -244,7 +296,9 @@ def instruct_train(model, features: torch.Tensor, exs, steps: int, batch_size: i
 def evaluate(model, features: torch.Tensor, exs, subjects, batch_size: int = 8, n_boot: int = 1000,
              seed: int = 0) -> dict:
     """Constrained answers for ``exs`` (one question type) -> balanced accuracy, its subject
-    bootstrap 95 % CI, the predictions and the mean probability of the right answer."""
+    bootstrap 95 % CI, the predictions and the mean probability of the right answer; for a
+    numeric question also the mean absolute error of the chosen number (``mae``, with a subject
+    bootstrap 95 % CI ``mae_ci95``)."""
     kinds = {e[3] for e in exs}
     if len(kinds) != 1:
         raise InputError(f"evaluate one question type at a time, got {sorted(kinds)}")
@@ -257,9 +311,23 @@ def evaluate(model, features: torch.Tensor, exs, subjects, batch_size: int = 8, 
         p_right += [r["probabilities"][e[2]] for r, e in zip(res, b)]
     y = [e[2] for e in exs]
     subs = [subjects[e[0]] for e in exs]
-    return {"balanced_accuracy": balanced_accuracy(y, preds), "ci95": subject_bootstrap(y, preds, subs, n_boot, seed),
-            "predictions": preds, "p_right": float(np.mean(p_right)), "n": len(exs),
-            "n_subjects": len(set(subs)), "chance": 1.0 / len(q.options)}
+    out = {"balanced_accuracy": balanced_accuracy(y, preds), "ci95": subject_bootstrap(y, preds, subs, n_boot, seed),
+           "predictions": preds, "p_right": float(np.mean(p_right)), "n": len(exs),
+           "n_subjects": len(set(subs)), "chance": 1.0 / len(q.options)}
+    if q.numeric:
+        out["mae"], out["mae_ci95"] = mae_with_ci(y, preds, subs, n_boot, seed)
+    return out
+
+
+def mae_with_ci(y_true, y_pred, subjects, n_boot: int = 1000, seed: int = 0) -> tuple[float, list[float]]:
+    """Mean absolute error of numeric answers, and its 95 % interval over subjects drawn with replacement."""
+    err = np.abs(np.asarray(y_true, float) - np.asarray(y_pred, float))
+    subjects = np.asarray(subjects)
+    members = [np.flatnonzero(subjects == s) for s in np.unique(subjects)]
+    rng = np.random.default_rng(seed)
+    boot = [err[np.concatenate([members[j] for j in rng.integers(len(members), size=len(members))])].mean()
+            for _ in range(n_boot)]
+    return float(err.mean()), [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
 
 
 # --- the yardsticks on the same shots --------------------------------------------------------
@@ -301,7 +369,8 @@ def window_fc(windows: np.ndarray, lengths) -> np.ndarray:
 def read_labels(path, n: int) -> list[dict]:
     """JSONL, one record per window (in the windows file's order): ``subject``, ``text`` (the
     scan's descriptors; may be empty) and the labels the questions read (``sex``: Male/Female,
-    ``state``: rest/task, ``fluid_tertile``: lower/mean/higher)."""
+    ``state``: rest/task, ``fluid_tertile``: lower/mean/higher, ``paradigm``: rest / working
+    memory / ..., ``age_bin``: 22-25 / 26-30 / 31-35 / 36+, ``age_years``: 22-37)."""
     import json
 
     if not os.path.isfile(path):
@@ -353,7 +422,7 @@ def load_instruct_config(path=None, overrides=(), **given) -> InstructConfig:
     if isinstance(cfg.questions, str):
         cfg.questions = (cfg.questions,)
     if not isinstance(cfg.questions, (list, tuple)) or not cfg.questions:
-        raise InputError("questions must be a non-empty list of question types (sex, fluid, state)", src)
+        raise InputError(f"questions must be a non-empty list of question types ({', '.join(QUESTIONS)})", src)
     cfg.questions = tuple(check_question(str(q)).name for q in cfg.questions)
     for k in ("steps", "batch_size", "seed"):
         v = getattr(cfg, k)

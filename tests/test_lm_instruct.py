@@ -33,14 +33,16 @@ def planted(n=24, seed=0):
     f = torch.randn(n, R * NT, D_, generator=torch.Generator().manual_seed(seed)) * 0.1
     f[:, :, 0] = torch.from_numpy(np.where(male, 2.0, -2.0)).float()[:, None]
     labels = {"sex": np.where(male, "Male", "Female"), "state": np.where(np.arange(n) % 2, "task", "rest"),
-              "fluid_tertile": np.array(["lower", "mean", "higher"])[np.arange(n) % 3]}
+              "fluid_tertile": np.array(["lower", "mean", "higher"])[np.arange(n) % 3],
+              "paradigm": np.array(list(I.PARADIGMS.values()))[np.arange(n) % len(I.PARADIGMS)],
+              "age_bin": I.age_bin(22 + np.arange(n) % 16), "age_years": I.age_years(22 + np.arange(n) % 16)}
     return f, labels, subjects
 
 
 def test_examples_never_state_the_answer_and_follow_the_prompt_template():
     f, labels, subjects = planted()
     texts = ["the brain network coupling is elevated"] * len(f)
-    assert set(I.QUESTIONS) == {"sex", "state", "fluid"}  # every question type is checked
+    assert set(I.QUESTIONS) == {"sex", "state", "fluid", "paradigm", "age_bin", "age"}  # every type is checked
     for kind in I.QUESTIONS:
         exs = I.examples(labels, texts, range(len(f)), [kind], n_regions=R, seed=0)
         q = I.QUESTIONS[kind]
@@ -57,6 +59,33 @@ def test_examples_never_state_the_answer_and_follow_the_prompt_template():
         I.examples(labels, texts, [0], ["iq"], n_regions=R)
     with pytest.raises(InputError, match="needs per-window labels"):
         I.examples({"sex": labels["sex"]}, texts, [0], ["state"], n_regions=R)
+
+
+def test_age_and_paradigm_labels():
+    assert I.age_bin([22, 25.9, 26, 30.5, 31, 35.99, 36, 37.2]).tolist() == [
+        "22-25", "22-25", "26-30", "26-30", "31-35", "31-35", "36+", "36+"]
+    assert I.age_years([22.0, 29.7, 37.9]).tolist() == ["22", "29", "37"]
+    with pytest.raises(InputError, match="22-37"):
+        I.age_years([21.5, 30])
+    with pytest.raises(InputError, match="start at 22"):
+        I.age_bin([19])
+    assert [I.paradigm_label(r) for r in ("rfMRI_REST1_LR", "tfMRI_WM_RL", "tfMRI_MOTOR_LR", "task-REST2")] == [
+        "rest", "working memory", "motor", "rest"]
+    with pytest.raises(InputError, match="names none of the paradigms"):
+        I.paradigm_label("func_run-01")
+
+
+def test_numeric_question_reports_the_mean_absolute_error():
+    y, pred = ["22", "30", "25", "36"], ["24", "30", "25", "30"]  # errors 2, 0, 0, 6
+    mae, ci = I.mae_with_ci(y, pred, ["a", "b", "c", "d"], n_boot=200)
+    assert mae == 2.0 and ci[0] <= 2.0 <= ci[1] and ci[1] <= 6.0 and ci[0] >= 0.0
+    f, labels, subjects = planted()
+    exs = I.examples(labels, [""] * len(f), range(len(f)), ["age"], n_regions=R, descriptors=False)
+    res = I.evaluate(model(), f, exs, subjects, n_boot=20)
+    truth = np.array([e[2] for e in exs], float)
+    assert res["mae"] == pytest.approx(np.abs(truth - np.array(res["predictions"], float)).mean())
+    assert "mae" not in I.evaluate(model(), f, I.examples(labels, [""] * len(f), range(len(f)), ["sex"],
+                                                          n_regions=R, descriptors=False), subjects, n_boot=20)
 
 
 def test_few_shot_subjects_are_balanced_and_disjoint_from_test_and_its_families():
