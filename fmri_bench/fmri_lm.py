@@ -323,8 +323,9 @@ class FmriLM(nn.Module):
         return build_layout(self.tokenizer, targets, c.n_parcels if with_fmri else 0,
                             c.n_time_patches if with_fmri else 0, prompts, c.max_text_tokens)
 
-    def hidden(self, lay: Layout, features: torch.Tensor | None = None) -> torch.Tensor:
-        """The LLM's last hidden states (B, L, W) for a layout (and its scans' features)."""
+    def embed(self, lay: Layout, features: torch.Tensor | None = None) -> torch.Tensor:
+        """The LLM's input vectors (B, L, W) for a layout: word embeddings, the two learned
+        markers, and the scans' projected features (B, N, D) in the fMRI slots."""
         lm = self.causal_lm
         dev = self.parcel_pos.device
         ids, kind = lay.ids.to(dev), lay.kind.to(dev)
@@ -336,12 +337,26 @@ class FmriLM(nn.Module):
         if features is not None:
             f = self.fmri_embeds(features.to(dev)).to(emb.dtype)
             emb = emb.masked_scatter((kind == FMRI)[..., None], f)
-        valid = kind != PAD
-        mask = block_causal_mask(lay.block.to(dev), valid)
+        return emb
+
+    def run_llm(self, emb: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor, past=None,
+                use_cache: bool = False):
+        """The LLM body on input vectors emb (B, Lq, W) -> its output (``last_hidden_state``,
+        ``cache``, the keys / values, with use_cache). allowed (B, 1, Lq, Lpast + Lq) bool: which keys
+        (cached ones first) each query sees; position_ids (B, Lq)."""
+        lm = self.causal_lm
+        mask = allowed
         if lm.config._attn_implementation == "eager":
-            mask = torch.zeros(mask.shape, dtype=emb.dtype, device=dev).masked_fill(~mask, torch.finfo(emb.dtype).min)
-        out = lm.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=lay.block.to(dev), use_cache=False)
-        return out.last_hidden_state
+            mask = torch.zeros(mask.shape, dtype=emb.dtype, device=emb.device).masked_fill(~mask, torch.finfo(emb.dtype).min)
+        return lm.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=position_ids,
+                             cache=past, use_cache=use_cache)
+
+    def hidden(self, lay: Layout, features: torch.Tensor | None = None) -> torch.Tensor:
+        """The LLM's last hidden states (B, L, W) for a layout (and its scans' features)."""
+        dev = self.parcel_pos.device
+        emb = self.embed(lay, features)
+        mask = block_causal_mask(lay.block.to(dev), lay.valid.to(dev))
+        return self.run_llm(emb, mask, lay.block.to(dev)).last_hidden_state
 
     def text_loss(self, hidden: torch.Tensor, lay: Layout) -> torch.Tensor:
         """Next-token cross-entropy on the layout's labelled positions -> scalar (nats/token)."""

@@ -6,8 +6,12 @@
 - ``score_options``: constrained decoding. The answer is the allowed option with the highest
   log-likelihood ``sum_i log p(option token i | scan, prompt, earlier option tokens)``, the
   option followed by EOS (what instruction tuning trains), each option after a space as in
-  `` Male`` / `` Female``. All scans x options are scored in one batched forward pass, in fp32
-  (bf16 can flip a near tie). The public code samples among the allowed tokens instead (T 0.8).
+  `` Male`` / `` Female``. The shared prefix (``<fmri>``, the scan, ``</fmri>``, the prompt)
+  is read once per scan and its keys / values cached (the LLM's KV cache); that cache is
+  repeated for the K options and only the option tokens of all B x K rows are read, in one
+  batched pass (``share_prefix=False``: the whole sequence B x K times, the same numbers up to
+  rounding). In fp32 (bf16 can flip a near tie). The public code samples among the allowed
+  tokens instead (T 0.8).
 - ``answer``: the chosen option and the options' probabilities (softmax over the
   log-likelihoods) per scan.
 
@@ -21,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fmri_bench.errors import InputError
-from fmri_bench.fmri_lm import FmriLM
+from fmri_bench.fmri_lm import FmriLM, block_causal_mask, build_layout
 
 PROMPT = "{dataset_info}{descriptors}### Question: {question}\n### Answer:"
 
@@ -61,23 +65,66 @@ def _check_prompt(model: FmriLM, prompts: list[str]) -> None:
 
 
 @torch.no_grad()
-def score_options(model: FmriLM, features: torch.Tensor, prompts: list[str], options) -> torch.Tensor:
-    """features (B, N, D), prompts (B,) -> log-likelihood of each option (B, K), fp32, in one
-    forward pass over the B x K sequences."""
+def score_options(model: FmriLM, features: torch.Tensor, prompts: list[str], options,
+                  share_prefix: bool = True) -> torch.Tensor:
+    """features (B, N, D), prompts (B,) -> log-likelihood of each option (B, K), fp32.
+
+    share_prefix: read each scan's prefix (fMRI block + prompt) once into the KV cache, then the
+    B x K option continuations in one pass; False: one forward pass over the B x K full
+    sequences (the reference the cached path must agree with)."""
     opts = check_options(options)
     model.check_inputs(features)
     if len(prompts) != len(features):
         raise InputError(f"{len(prompts)} prompts for {len(features)} scans")
     _check_prompt(model, prompts)
+    score = _score_cached if share_prefix else _score_full
+    return score(model, features, list(prompts), opts)
+
+
+def _option_logp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (M, L, V) predicting labels (M, L) (-100: none) -> summed log-likelihood (M,)."""
+    logp = F.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    return (logp * (labels != -100)).sum(1)
+
+
+def _score_full(model: FmriLM, features: torch.Tensor, prompts: list[str], opts: list[str]) -> torch.Tensor:
     b, k = len(features), len(opts)
     lay = model.layout([" " + o for _ in range(b) for o in opts], with_fmri=True,
                        prompts=[p for p in prompts for _ in range(k)])
     h = model.hidden(lay, features.repeat_interleave(k, 0))  # fp32: no autocast here
     labels = lay.labels.to(h.device)[:, 1:]
-    logits = model.causal_lm.get_output_embeddings()(h[:, :-1]).float()
-    logp = F.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
-    ll = (logp * (labels != -100)).sum(1)
+    ll = _option_logp(model.causal_lm.get_output_embeddings()(h[:, :-1]), labels)
     return ll.reshape(b, k)
+
+
+def _score_cached(model: FmriLM, features: torch.Tensor, prompts: list[str], opts: list[str]) -> torch.Tensor:
+    c, tok, dev = model.config, model.tokenizer, model.parcel_pos.device
+    b, k = len(features), len(opts)
+    head = model.causal_lm.get_output_embeddings()
+    # 1. the prefixes <fmri> scan </fmri> prompt, right-padded to Lp, once per scan
+    pre = build_layout(tok, [""] * b, c.n_parcels, c.n_time_patches, prompts, c.max_text_tokens, eos=False)
+    valid, block = pre.valid.to(dev), pre.block.to(dev)  # (B, Lp)
+    out = model.run_llm(model.embed(pre, features), block_causal_mask(block, valid), block, use_cache=True)
+    last = valid.sum(1) - 1  # (B,) the last real prefix token: its state predicts option token 0
+    rows = torch.arange(b, device=dev)
+    first = out.last_hidden_state[rows, last]  # (B, W)
+    start = block[rows, last] + 1  # (B,) position id of option token 0
+    cache = out.cache
+    cache.batch_repeat_interleave(k)  # row i * K + j: scan i, option j
+    # 2. the options " opt" + EOS, right-padded to Lo; each sees its scan's real prefix tokens (not
+    #    the prefix padding) and its own earlier tokens
+    opt = build_layout(tok, [" " + o for o in opts], 0, 0, None, c.max_text_tokens)
+    ovalid, oblock = opt.valid.to(dev), opt.block.to(dev)  # (K, Lo), oblock = 0, 1, ...
+    lo = ovalid.shape[1]
+    see_prefix = valid[:, None, None, :] & ovalid[None, :, :, None]  # (B, K, Lo, Lp)
+    see_self = block_causal_mask(oblock, ovalid)[:, 0].expand(b, k, lo, lo)  # (B, K, Lo, Lo)
+    allowed = torch.cat([see_prefix, see_self], -1).reshape(b * k, 1, lo, -1)
+    pos = start.repeat_interleave(k)[:, None] + oblock.repeat(b, 1)  # (B K, Lo)
+    h = model.run_llm(model.embed(opt).repeat(b, 1, 1), allowed, pos, past=cache).last_hidden_state
+    # the state before option token t: the prefix's last for t = 0, option token t - 1 after
+    before = torch.cat([first.repeat_interleave(k, 0)[:, None], h[:, :-1]], 1)  # (B K, Lo, W)
+    labels = opt.labels.to(dev).repeat(b, 1)  # (B K, Lo): the option's tokens, -100 on padding
+    return _option_logp(head(before), labels).reshape(b, k)
 
 
 def answer(model: FmriLM, features: torch.Tensor, prompts: list[str], options) -> list[dict]:

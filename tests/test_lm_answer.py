@@ -39,6 +39,24 @@ def test_batched_scores_equal_one_sequence_at_a_time(one_thread):
     assert torch.allclose(swapped, ll.flip(1), atol=1e-5)
 
 
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_shared_prefix_cache_gives_the_full_pass_scores(one_thread, sdpa):
+    """The KV-cached path (each scan's prefix read once) against B x K full sequences: prompts of
+    different lengths (different prefix padding), options of 1-3 tokens, under sdpa and eager."""
+    m = tiny_model().eval()
+    if not sdpa:
+        m.causal_lm.config._attn_implementation = "eager"
+    f = torch.randn(4, R * NT, D)
+    p = [build_prompt("the scan is"), build_prompt("a brain scan of the network coupling is"),
+         build_prompt("is"), build_prompt("which one")]
+    opts = ["male", "brain network coupling", "scan of"]
+    cached = score_options(m, f, p, opts)
+    full = score_options(m, f, p, opts, share_prefix=False)
+    assert cached.shape == (4, 3)
+    assert torch.allclose(cached, full, atol=1e-4), (cached - full).abs().max()
+    assert not torch.allclose(cached[:, 0], cached[:, 1], atol=1e-3)  # the options are told apart
+
+
 def test_prompt_longer_than_the_model_reads_is_refused():
     m = tiny_model(max_text_tokens=8)
     with pytest.raises(InputError, match="would be cut"):
