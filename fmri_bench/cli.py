@@ -346,7 +346,12 @@ def _add_ask(sub) -> None:
     p = sub.add_parser("ask", help="ask a trained fMRI-LM a question about a scan (constrained answer)")
     p.add_argument("question", help='the question, e.g. "Is this subject male or female?"')
     p.add_argument("--checkpoint", required=True, help="fmri_lm.pt (or checkpoint.pt) written by lm align")
-    p.add_argument("--scan", required=True, help=".npy parcel windows of the scan, (n, frames, parcels)")
+    p.add_argument("--scan", required=True, help="the scan: a run (CIFTI / GIFTI / NIfTI), parcellated here, or .npy "
+                                                  "parcel windows (n, frames, parcels)")
+    p.add_argument("--atlas", default="mmp", help="atlas for a run file (default mmp; must be the model's)")
+    p.add_argument("--networks", action="store_true",
+                   help="summarise a run to Yeo-7 network x hemisphere regions (chapters 07-08's 14 regions)")
+    p.add_argument("--tr", type=float, default=None, help="repetition time of a run file (default: its header)")
     p.add_argument("--options", nargs="+", required=True, help="the allowed answers, e.g. Male Female")
     p.add_argument("--descriptors", default="", help="descriptor text of the scan for the prompt")
     p.add_argument("--llm", default=None, help="where the checkpoint's LLM is now (default: as trained)")
@@ -356,7 +361,8 @@ def _add_ask(sub) -> None:
 def _run_ask(args) -> int:
     from fmri_bench.lm_train import ask
 
-    res = ask(args.checkpoint, args.scan, args.question, args.options, descriptors=args.descriptors, llm=args.llm)
+    res = ask(args.checkpoint, args.scan, args.question, args.options, descriptors=args.descriptors, llm=args.llm,
+              atlas=args.atlas, networks=args.networks, tr=args.tr)
     print(f"answer: {res['answer']}  ({res['windows']} windows)")
     for o, p in res["probabilities"].items():
         print(f"  {o}: {p:.3f}")

@@ -366,18 +366,19 @@ def load_model(path, llm, tokenizer_fp: str | None = None) -> FmriLM:
 
 
 def ask(checkpoint, windows_path, question: str, options, descriptors: str = "", dataset_info: str = "",
-        llm: str | None = None) -> dict:
+        llm: str | None = None, atlas: str | None = "mmp", networks: bool = False, tr: float | None = None) -> dict:
     """Ask a trained fMRI-LM about one scan -> {"answer", "probabilities", "windows"}.
 
     windows_path: a ``.npy`` of the scan's parcel windows, (n, T, R) or one window (T, R), as
-    ``fmri_bench.parcels.model_windows`` gives them. The tokenizer and the LLM are the ones the
-    checkpoint was trained with (``llm`` overrides the LLM's location; a different LLM is
-    refused). With several windows the option probabilities are averaged over them.
+    ``fmri_bench.parcels.model_windows`` gives them, or a run file (CIFTI / GIFTI / NIfTI),
+    parcellated here (``scan_windows``: atlas, networks, tr). The tokenizer and the LLM are the
+    ones the checkpoint was trained with (``llm`` overrides the LLM's location; a different LLM
+    is refused). With several windows the option probabilities are averaged over them.
     """
     from fmri_bench.lm_answer import answer, build_prompt, check_options
 
     opts = check_options(options)
-    model, tokenizer, cfg, w, _ = load_trained(checkpoint, windows_path, llm)
+    model, tokenizer, cfg, w, _ = load_trained(checkpoint, windows_path, llm, atlas=atlas, networks=networks, tr=tr)
     feats, _ = tokenizer_inputs(tokenizer, torch.from_numpy(w), causal=cfg.causal_features)
     prompt = build_prompt(question, descriptors, dataset_info)
     res = answer(model, feats, [prompt] * len(feats), opts)
@@ -385,7 +386,8 @@ def ask(checkpoint, windows_path, question: str, options, descriptors: str = "",
     return {"answer": max(probs, key=probs.get), "probabilities": probs, "windows": len(feats)}
 
 
-def load_trained(checkpoint, windows_path, llm: str | None = None):
+def load_trained(checkpoint, windows_path, llm: str | None = None, atlas: str | None = "mmp",
+                 networks: bool = False, tr: float | None = None):
     """A model file written by ``lm align`` (or ``lm instruct``) and a scan's windows ->
     (FmriLM with its adapter, its tokenizer, its LMTrainConfig, the windows (n, T, R), the
     tokenizer's fingerprint). The windows are checked against the tokenizer before the LLM is
@@ -398,9 +400,43 @@ def load_trained(checkpoint, windows_path, llm: str | None = None):
     cfg = LMTrainConfig(**ck["train_config"])
     tokenizer = load_tokenizer_for(cfg, *_trained_shape(ck))  # the file, or the same untrained one
     fp = tokenizer_fingerprint(tokenizer)  # before any forward (an untrained VQ initialises on its first batch)
-    w = read_windows(windows_path, tokenizer)
+    w = scan_windows(windows_path, tokenizer, atlas=atlas, networks=networks, tr=tr)
     model = load_model(checkpoint, lm_mod.load_llm(llm if llm is not None else cfg.llm), fp)
     return model, tokenizer, cfg, w, fp
+
+
+def scan_windows(path, tokenizer, atlas: str | None = "mmp", networks: bool = False,
+                 tr: float | None = None) -> np.ndarray:
+    """A scan for the model -> float32 (n, T, R) windows checked against the tokenizer.
+
+    ``.npy``: parcel windows as they are (``read_windows``). Any other file is a run (CIFTI /
+    GIFTI / NIfTI, ``fmri_bench.parcels.parcel_series``) parcellated with ``atlas`` (None: the
+    default of the file's space; tr overrides the header's), summarised to Yeo-7 network x
+    hemisphere regions with ``networks`` (the 14 regions of chapters 07-08; subcortical
+    structures are left out there), then the model input of ``parcels.model_windows``: TR 2 s,
+    robust z per parcel, consecutive windows of the tokenizer's length (a shorter run: one
+    zero-padded window when it has a quarter of it)."""
+    from fmri_bench import parcels
+
+    if str(path).endswith(".npy"):
+        return read_windows(path, tokenizer)
+    if not os.path.isfile(path):
+        raise InputError("scan file not found", path)
+    series = parcels.parcel_series(path, atlas, tr)
+    if networks:
+        keep = [j for j, n in enumerate(series.networks) if n != "Subcortical"]
+        series = dataclasses.replace(series, data=series.data[:, keep], labels=[series.labels[j] for j in keep],
+                                     networks=[series.networks[j] for j in keep])
+        series = parcels.network_series(series)
+    tc = tokenizer.config
+    w = parcels.model_windows(series, length=tc.n_frames)
+    if not len(w):
+        raise InputError(f"run too short for one window: {len(series.data)} frames at TR {series.tr:g} s, the model "
+                         f"reads {tc.n_frames} frames at TR 2 s (at least {max(1, tc.n_frames // 4)})", path)
+    if w.shape[2] != tc.n_parcels:
+        raise InputError(f"run gives {w.shape[2]} regions ({series.atlas}{', networks' if networks else ''}), the model "
+                         f"reads {tc.n_parcels}: use the atlas (--atlas / --networks) it was trained with", path)
+    return w
 
 
 def read_windows(path, tokenizer) -> np.ndarray:

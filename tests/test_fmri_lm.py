@@ -294,6 +294,45 @@ def test_cli_ask_answers_and_refuses_bad_input(tmp_path, capsys, one_thread):
         assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
 
 
+def test_cli_ask_parcellates_a_run_file(tmp_path, capsys, one_thread):
+    """A CIFTI run is parcellated (Yeo-7: 7 parcels), put at TR 2 s and windowed as the model
+    reads it; the same windows as a .npy give the same answer; an atlas the model was not
+    trained on and a run too short for one window are one-line errors."""
+    import numpy as np
+
+    from fmri_bench import parcels as P
+    from fmri_bench.io import write_cifti
+
+    llm = tiny_llm()
+    llm.model.save_pretrained(tmp_path / "llm")
+    llm.tokenizer.save_pretrained(tmp_path / "llm")
+    over = {"n_parcels": 7, "n_frames": 30, "patch_len": 10, "embed_dim": 16, "num_heads": 2, "depth": 1,
+            "decoder_depth": 1, "code_dim": 8, "codebook_size": 16}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_cfg(tmp_path, steps=2, tokenizer_overrides=over).to_dict()))
+    assert cli.main(["lm", "align", "--config", str(path), "--run-dir", str(tmp_path / "run"),
+                     "--llm", str(tmp_path / "llm")]) == 0
+    ck = str(tmp_path / "run" / "fmri_lm.pt")
+    rng = np.random.default_rng(0)
+    run = write_cifti(tmp_path / "sub-01_task-rest_bold.dtseries.nii", rng.standard_normal((130, 59412)), tr=1.0)
+    capsys.readouterr()
+    q = ["ask", "is this scan male or female", "--checkpoint", ck, "--options", "male", "female"]
+    assert cli.main(q + ["--scan", str(run), "--atlas", "yeo7"]) == 0
+    from_run = capsys.readouterr().out
+    assert "(2 windows)" in from_run  # 130 s at TR 2 s: 65 frames, two windows of 30
+    windows = P.model_windows(P.parcel_series(run, "yeo7"), length=30)
+    np.save(tmp_path / "w.npy", windows)
+    assert cli.main(q + ["--scan", str(tmp_path / "w.npy")]) == 0
+    assert capsys.readouterr().out == from_run
+    short = write_cifti(tmp_path / "short.dtseries.nii", rng.standard_normal((10, 59412)), tr=1.0)
+    for args, msg in [(["--scan", str(run), "--atlas", "mmp"], "gives 360 regions (mmp), the model reads 7"),
+                      (["--scan", str(run), "--atlas", "mmp", "--networks"], "gives 14 regions (mmp, networks)"),
+                      (["--scan", str(short), "--atlas", "yeo7"], "too short")]:
+        assert cli.main(q + args) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+
+
 def test_named_val_subjects_are_held_out_and_unknown_ones_refused(tmp_path, one_thread):
     cfg = _cfg(tmp_path)
     held = ["sub-001", "sub-004"]  # synthetic_windows' subject ids are sub-000, sub-001, ...
