@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fmri_bench import distributed
 from fmri_bench.config import read_config, warmup_cosine
 from fmri_bench.errors import InputError
 from fmri_bench.fmri_lm import FmriLM, fmri_lm_config, time_major, tokenizer_inputs
@@ -37,7 +38,7 @@ from fmri_bench.paths import atomic_save
 from fmri_bench.rundir import RunDir, read_metrics, rng_state, set_rng_state
 
 CHECKPOINT_FORMAT = "fmri_bench.fmri_lm/1"
-OPERATIONAL_KEYS = ("log_every", "eval_every", "ckpt_every", "progress", "num_threads")
+OPERATIONAL_KEYS = ("log_every", "eval_every", "ckpt_every", "progress", "num_threads", "device")
 # T2T default text: module docstrings of the standard library (English prose that ships offline)
 STDLIB_MODULES = ("argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "decimal", "difflib",
                   "email", "fractions", "functools", "heapq", "inspect", "json", "logging", "pathlib", "pickle",
@@ -77,6 +78,7 @@ class LMTrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     num_threads: int = 0
+    device: str = "auto"  # "auto": a GPU when there is one (one per rank under torchrun), else the CPU
     log_every: int = 5
     eval_every: int = 25
     ckpt_every: int = 25
@@ -198,6 +200,15 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
     stop_at: stop after this step as if killed (the run resumes later). val_subjects: the
     held-out subjects (their windows are never trained on); None: ``cfg.data.val_fraction`` of
     the subjects, drawn with ``cfg.seed``.
+
+    Runs data-parallel under ``torchrun --nproc_per_node N`` like ``fmri-bench pretrain``: every
+    rank draws the same seeded global batch and takes its 1/N (rows rank, rank + N, ...; batch
+    sizes must divide by N), gradients are averaged across ranks, and only rank 0 evaluates and
+    writes metrics, checkpoints and the model (every rank loads the checkpoint on resume). The
+    text losses are means over tokens; each rank scales its own by its share of the global
+    batch's tokens, so the averaged gradient is the one-process gradient of the global batch
+    (F2F has the same number of targets per window). Returns on other ranks carry no
+    evaluation.
     """
     from fmri_bench import lm as lm_mod
     from fmri_bench.models.tokenizer import tokenizer_config
@@ -206,10 +217,14 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    dd = distributed.setup(cfg.device)
+    for name in ("batch_size", "t2t_batch_size"):
+        if getattr(cfg, name) % dd.world:
+            raise InputError(f"{name} {getattr(cfg, name)} is not divisible by the {dd.world} ranks")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    run = RunDir(run_dir, cfg.to_dict(), resume, ignore=OPERATIONAL_KEYS) if run_dir is not None else None
+    run = RunDir(run_dir, cfg.to_dict(), resume, ignore=OPERATIONAL_KEYS) if run_dir is not None and dd.main else None
     if tokenizer is None and cfg.tokenizer is not None:
         tokenizer = load_tokenizer_for(cfg, 0, 0)
     if data is None:
@@ -227,7 +242,7 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
     tok_fp = tokenizer_fingerprint(tokenizer)  # before any forward (an untrained VQ initialises on its first batch)
     feats, codes = tokenizer_inputs(tokenizer, x_all, causal=cfg.causal_features)
     llm = llm if llm is not None else lm_mod.load_llm(cfg.llm)
-    model = build_model(cfg, llm, tokenizer)
+    model = build_model(cfg, llm, tokenizer).to(dd.device)
     paras = plain_text(cfg.data.t2t_text)
     n_val_p = min(cfg.data.t2t_val_paragraphs, len(paras) // 2)
     order = np.random.default_rng(cfg.seed).permutation(len(paras))
@@ -251,14 +266,16 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, history = 0, []
-    if run is not None and run.resume_from is not None:
-        ck = load_checkpoint(run.resume_from)
-        check_compatible(ck, model, tok_fp, run.resume_from)
-        model.load_trainable_state_dict(ck["trainable"], run.resume_from)
+    resume_from = dd.broadcast(None if run is None or run.resume_from is None else str(run.resume_from))
+    if resume_from is not None:
+        ck = load_checkpoint(resume_from)
+        check_compatible(ck, model, tok_fp, resume_from)
+        model.load_trainable_state_dict(ck["trainable"], resume_from)
         opt.load_state_dict(ck["optimizer"])
         set_rng_state(ck["rng"], gen)
         step = int(ck["step"])
-        history = [r for r in read_metrics(run.path) if r["step"] <= step]
+        if run is not None:
+            history = [r for r in read_metrics(run.path) if r["step"] <= step]
     if run is not None:
         run.restart_metrics(history)
 
@@ -278,24 +295,32 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
     fv, cv = feats[torch.from_numpy(va)], codes[torch.from_numpy(va)]
     tv = [texts[i] for i in va]
     val_before = {}
-    if step == 0 and len(va):
+    if step == 0 and len(va) and dd.main:
         val_before = evaluate(model, fv, cv, tv, plain_val)
         log({"step": 0, **{f"val_{k}": v for k, v in val_before.items()}, **{f"yard_{k}": v for k, v in yard.items()}})
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="fmri-lm", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and dd.main), desc="fmri-lm",
+               dynamic_ncols=True)
     window, n_win, t0, seqs_s, val = {}, 0, time.perf_counter(), float("nan"), {}
     model.train()
     b = min(cfg.batch_size, len(tr))
+    if b % dd.world:
+        raise InputError(f"{len(tr)} training windows: a batch of {b} is not divisible by the {dd.world} ranks")
     while step < cfg.steps:
         pick = torch.from_numpy(tr)[torch.randperm(len(tr), generator=gen)[:b]]
         ppick = torch.randperm(len(plain_tr), generator=gen)[:cfg.t2t_batch_size].tolist()
         lr = warmup_cosine(cfg.lr, step, cfg.warmup_steps, cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        out = model.losses(feats[pick], codes[pick], [texts[i] for i in pick.tolist()], [plain_tr[i] for i in ppick])
-        out["total"].backward()
+        mine, pmine = pick[dd.rank::dd.world], ppick[dd.rank::dd.world]  # this rank's share of the global batch
+        descs, plain = [texts[i] for i in mine.tolist()], [plain_tr[i] for i in pmine]
+        out = model.losses(feats[mine], codes[mine], descs, plain)
+        loss = out["total"] if dd.world == 1 else _rank_loss(model, out, descs, plain, dd)
+        loss.backward()
+        if dd.world > 1:
+            _average_grads(params, dd)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -304,6 +329,10 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
             window[k] = window.get(k, 0.0) + float(v.detach())
         n_win += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
+            if dd.world > 1:  # the window's losses averaged over ranks
+                keys = sorted(window)
+                avg = dd.mean(torch.tensor([window[k] for k in keys], dtype=torch.float64, device=dd.device))
+                window = dict(zip(keys, avg.tolist()))
             seqs_s = n_win * (b + len(ppick)) / (time.perf_counter() - t0)
             rec = {"step": step, "loss": window["total"] / n_win, "lr": lr, "seqs_s": seqs_s}
             rec.update({k: v / n_win for k, v in window.items() if k != "total"})
@@ -311,7 +340,7 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             window, n_win, t0 = {}, 0, time.perf_counter()
         bar.update(1)
-        if len(va) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+        if len(va) and dd.main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             val = evaluate(model, fv, cv, tv, plain_val)
             log({"step": step, **{f"val_{k}": v for k, v in val.items()}})
             t0 = time.perf_counter()
@@ -322,8 +351,42 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
     bar.close()
     if run is not None and step == cfg.steps:
         save_model(model, run.path / "fmri_lm.pt", tok_fp, cfg)
+    dd.barrier()
+    dd.close()
     return {"step": step, "model": model, "history": history, "val": val, "val_before": val_before,
             "yardsticks": yard, "split": (tr, va), "seqs_per_s": seqs_s}
+
+
+def _rank_loss(model: FmriLM, out: dict, descs: list[str], plain: list[str], dd) -> torch.Tensor:
+    """This rank's part of the global batch's loss, for gradients averaged over ranks: F2F as it
+    is (each window has the same number of targets); F2T and T2T, means over this rank's tokens,
+    scaled by world x (its tokens / the global batch's tokens), so that the mean over ranks is
+    the mean over every token of the global batch."""
+    c = model.config
+    loss = c.f2f_weight * out["f2f"] if "f2f" in out else torch.zeros((), device=dd.device)
+    n = torch.zeros(2, dtype=torch.float64, device=dd.device)
+    if "f2t" in out:
+        n[0] = int((model.layout(descs, with_fmri=True).labels[:, 1:] != -100).sum())
+    if "t2t" in out:
+        n[1] = int((model.layout(plain, with_fmri=False).labels[:, 1:] != -100).sum())
+    total = n.clone()
+    torch.distributed.all_reduce(total)
+    for j, (key, w) in enumerate((("f2t", c.f2t_weight), ("t2t", c.t2t_weight))):
+        if key in out:
+            loss = loss + w * out[key] * float(dd.world * n[j] / total[j].clamp_min(1))
+    return loss
+
+
+def _average_grads(params: list, dd) -> None:
+    """In place: each trainable parameter's gradient, the mean over ranks (one flat all-reduce;
+    a parameter without a gradient on a rank counts as zero there)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dd.mean(flat)
+    i = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[i:i + g.numel()].view_as(g).clone()
+        i += g.numel()
 
 
 # --- files -----------------------------------------------------------------------------------

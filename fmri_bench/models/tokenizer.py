@@ -166,7 +166,10 @@ def build_quantizer(cfg: TokenizerConfig) -> nn.Module:
     return VectorQuantize(dim=cfg.code_dim, codebook_size=cfg.codebook_size, decay=cfg.ema_decay,
                           commitment_weight=cfg.commitment_weight, kmeans_init=cfg.kmeans_init,
                           kmeans_iters=cfg.kmeans_iters, use_cosine_sim=cfg.cosine,
-                          threshold_ema_dead_code=cfg.dead_code_threshold)
+                          threshold_ema_dead_code=cfg.dead_code_threshold,
+                          # no cross-rank k-means / EMA: inside a data-parallel stage-2 run every rank
+                          # tokenizes the same windows and must get the one-process codebook
+                          sync_kmeans=False, sync_codebook=False)
 
 
 class Quantiser(nn.Module):

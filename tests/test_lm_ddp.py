@@ -1,0 +1,71 @@
+"""Stage-2 training data-parallel (gloo, 2 CPU ranks started as torchrun would) against one
+process on the same global batches: the same trained adapter and heads."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fmri_bench.errors import InputError
+from fmri_bench.lm_train import train
+from tests.test_fmri_lm import _cfg, tiny_llm
+
+SETTINGS = dict(steps=3, batch_size=4, t2t_batch_size=2, log_every=1, eval_every=0, ckpt_every=0, device="cpu",
+                lr=0.5, model_overrides={"precision": "fp32", "lora_dropout": 0.0})
+
+
+class _SGD(torch.optim.SGD):
+    """Plain SGD in place of AdamW: an update linear in the gradient (Adam's first steps are
+    about lr x sign(gradient), so rounding flips them where a gradient is ~0)."""
+
+    def __init__(self, params, lr, weight_decay=0.0):
+        super().__init__(params, lr=lr)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, tmp: str, settings: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.optim.AdamW = _SGD
+    from pathlib import Path
+
+    cfg = _cfg(Path(tmp) / f"cfg{rank}", **settings)
+    res = train(cfg, Path(tmp) / "run", llm=tiny_llm())
+    torch.save({"trainable": res["model"].trainable_state_dict(), "history": res["history"]},
+               Path(tmp) / f"rank{rank}.pt")
+
+
+def test_two_ranks_train_what_one_process_trains(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", _SGD)
+    one = train(_cfg(tmp_path, **SETTINGS), None, llm=tiny_llm())["model"].trainable_state_dict()
+    for r in range(2):
+        (tmp_path / f"cfg{r}").mkdir()
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), SETTINGS), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for name, p in one.items():
+        for r in ranks:
+            assert torch.allclose(r["trainable"][name], p, atol=2e-5), name
+    assert any(not torch.allclose(p, q) for p, q in zip(one.values(), train(
+        _cfg(tmp_path, **{**SETTINGS, "steps": 1}), None, llm=tiny_llm())["model"].trainable_state_dict().values()))
+    # only rank 0 writes: one record per step in the run's log, and the model file
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in recs if "val_f2t" in r] == [0, 3]
+    assert (tmp_path / "run" / "fmri_lm.pt").is_file() and not any("val_f2t" in r for r in ranks[1]["history"])
+
+
+def test_batch_sizes_must_divide_by_the_ranks(tmp_path, monkeypatch):
+    from fmri_bench import distributed
+
+    monkeypatch.setattr(distributed, "setup", lambda device="auto": distributed.Distributed(rank=0, world=3))
+    with pytest.raises(InputError, match="batch_size 4 is not divisible by the 3 ranks"):
+        train(_cfg(tmp_path, **SETTINGS), None, llm=tiny_llm())
