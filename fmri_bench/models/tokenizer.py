@@ -15,9 +15,9 @@ Follows fMRI-LM (Wei et al., arXiv 2511.21760, section 3.1):
   2/(1+e^(-10p))-1 over training progress p) -> Linear-256-GELU-2 classifier that tells fMRI
   tokens from the LLM's input word embeddings of descriptor tokens; weight 0.5. The reversed
   gradient reaches the encoder (the public code detaches it; the paper describes the
-  adversarial alignment of the encoder). When the encoder is narrower than the LLM, both kinds
-  of token are first projected onto the words' top principal directions (our addition:
-  ``LanguageAlignment.word_subspace`` says why; ``adv_word_subspace=False``: the paper's setting).
+  adversarial alignment of the encoder). Optionally (``adv_word_subspace``, ours, off by
+  default) both kinds of token are first projected onto the words' top principal directions
+  (``LanguageAlignment.word_subspace`` says why).
   (b) soft SigLIP between the pooled fMRI embedding and the LLM's last-token hidden state of
   the scan's descriptor text, both projected to 512-d, temperature 0.125 (the paper's value;
   the public code passes 0.125 but uses 0.07).
@@ -64,9 +64,10 @@ class TokenizerConfig:
     align_dim: int = 512
     adv_hidden: int = 256
     adv_weight: float = 0.5
-    # the domain classifier sees both kinds of token inside the word embeddings' top principal
-    # directions (as many as the encoder has dimensions): our addition, see LanguageAlignment.word_subspace
-    adv_word_subspace: bool = True
+    # True: the domain classifier sees both kinds of token inside the word embeddings' top principal
+    # directions (as many as the encoder has dimensions): an option of ours, off as in the paper;
+    # see LanguageAlignment.word_subspace
+    adv_word_subspace: bool = False
     siglip_weight: float = 1.0
     siglip_temperature: float = 0.125
 
@@ -259,14 +260,14 @@ class LanguageAlignment(nn.Module):
         """x (K, llm_dim) -> its projection onto the top-k principal directions of ``words``
         (k = the encoder's width, at most the words' rank), kept in llm_dim coordinates.
 
-        Our addition. The encoder's D-d tokens, mapped linearly to the LLM width W > D, lie in a
-        D-d affine subspace, while the word embeddings of a corpus span more than D dimensions:
-        a classifier then tells the two apart by the words' spread outside any D-d subspace,
-        whatever the encoder does (measured here: domain accuracy 1.00 throughout training with
-        the tiny tokenizer's 64-d tokens and SmolLM2's 576-d words). Inside the words' top-D
-        principal directions both kinds can fill the space, and the adversarial game is about
-        the encoder's tokens again. With D >= W (the paper's ViT-B into GPT-2, 768 into 768)
-        nothing is projected. The basis is an SVD of the words (deterministic; recomputed when
+        An option of ours (``adv_word_subspace``). The encoder's D-d tokens, mapped linearly to
+        the LLM width W > D, lie in a D-d affine subspace, while the word embeddings of a corpus
+        span more than D dimensions: a classifier can then tell the two apart by the words'
+        spread outside any D-d subspace, whatever the encoder does. Inside the words' top-D
+        principal directions both kinds can fill the space. With D >= W (the paper's ViT-B into
+        GPT-2, 768 into 768) nothing is projected. Measured in chapter 06 (tiny tokenizer, 64-d
+        into SmolLM2's 576-d): it does not matter there, a fresh classifier tells the trained
+        tokens from the words at 1.00 either way (their mean norm is ~11x the words'). The basis is an SVD of the words (deterministic; recomputed when
         they change, never saved)."""
         m, w = words.shape
         k = min(self.feat_dim, m - 1)
