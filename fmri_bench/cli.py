@@ -315,10 +315,14 @@ def _add_lm(sub) -> None:
 
 
 def _run_lm_align(args) -> int:
+    import os
+
     from fmri_bench.lm_train import load_config, train
 
     overrides = list(args.overrides) + ([f"llm={args.llm}"] if args.llm else [])
     res = train(load_config(args.config, overrides), args.run_dir, resume=args.resume)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 reports
+        return 0
     last = [r for r in res["history"] if "loss" in r]
     loss = f"{last[-1]['loss']:.4f}" if last else "n/a"
     val = {k: round(v, 4) for k, v in res["val"].items()} or "n/a"

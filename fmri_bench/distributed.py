@@ -48,6 +48,12 @@ class Distributed:
             t /= self.world
         return t
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """In place: the sum of ``t`` over ranks."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -78,7 +78,7 @@ class LMTrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     num_threads: int = 0
-    device: str = "auto"  # "auto": a GPU when there is one (one per rank under torchrun), else the CPU
+    device: str = "auto"  # as pretrain: a GPU when there is one (one per rank under torchrun, NCCL), else the CPU
     log_every: int = 5
     eval_every: int = 25
     ckpt_every: int = 25
@@ -201,14 +201,16 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
     held-out subjects (their windows are never trained on); None: ``cfg.data.val_fraction`` of
     the subjects, drawn with ``cfg.seed``.
 
-    Runs data-parallel under ``torchrun --nproc_per_node N`` like ``fmri-bench pretrain``: every
-    rank draws the same seeded global batch and takes its 1/N (rows rank, rank + N, ...; batch
-    sizes must divide by N), gradients are averaged across ranks, and only rank 0 evaluates and
-    writes metrics, checkpoints and the model (every rank loads the checkpoint on resume). The
-    text losses are means over tokens; each rank scales its own by its share of the global
-    batch's tokens, so the averaged gradient is the one-process gradient of the global batch
-    (F2F has the same number of targets per window). Returns on other ranks carry no
-    evaluation.
+    Runs data-parallel under ``torchrun --nproc_per_node N`` like ``fmri-bench pretrain``: each
+    rank takes 1/N of every global batch (all ranks draw the same seeded picks; rank r takes rows
+    r, r + N, ...; batch sizes must divide by N), gradients are averaged across ranks, and only
+    rank 0 writes metrics, checkpoints and the model (and evaluates; every rank loads the
+    checkpoint on resume). Averaged means: each rank backpropagates its share of the global
+    batch's loss (F2F: its mean / N; F2T, T2T: its sum of token losses / the global batch's token
+    count) and the shares' gradients are summed, which is the one-process gradient of the global
+    batch, clipped after the sum; the logged losses are the global batches' too. LoRA dropout
+    masks are drawn per rank, so with ``lora_dropout`` > 0 the numbers are not one process's.
+    On other ranks the return carries no evaluation.
     """
     from fmri_bench import lm as lm_mod
     from fmri_bench.models.tokenizer import tokenizer_config
@@ -218,9 +220,7 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     dd = distributed.setup(cfg.device)
-    for name in ("batch_size", "t2t_batch_size"):
-        if getattr(cfg, name) % dd.world:
-            raise InputError(f"{name} {getattr(cfg, name)} is not divisible by the {dd.world} ranks")
+    check_divisible(dd.world, batch_size=cfg.batch_size, t2t_batch_size=cfg.t2t_batch_size)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -306,8 +306,8 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
     window, n_win, t0, seqs_s, val = {}, 0, time.perf_counter(), float("nan"), {}
     model.train()
     b = min(cfg.batch_size, len(tr))
-    if b % dd.world:
-        raise InputError(f"{len(tr)} training windows: a batch of {b} is not divisible by the {dd.world} ranks")
+    check_divisible(dd.world, batch_size=b, t2t_batch_size=min(cfg.t2t_batch_size, len(plain_tr)),
+                    why=f" ({len(tr)} training windows, {len(plain_tr)} T2T paragraphs)")
     while step < cfg.steps:
         pick = torch.from_numpy(tr)[torch.randperm(len(tr), generator=gen)[:b]]
         ppick = torch.randperm(len(plain_tr), generator=gen)[:cfg.t2t_batch_size].tolist()
@@ -317,22 +317,22 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
         mine, pmine = pick[dd.rank::dd.world], ppick[dd.rank::dd.world]  # this rank's share of the global batch
         descs, plain = [texts[i] for i in mine.tolist()], [plain_tr[i] for i in pmine]
         out = model.losses(feats[mine], codes[mine], descs, plain)
-        loss = out["total"] if dd.world == 1 else _rank_loss(model, out, descs, plain, dd)
+        loss, shares = (out["total"], out) if dd.world == 1 else _rank_loss(model, out, descs, plain, dd)
         loss.backward()
         if dd.world > 1:
-            _average_grads(params, dd)
+            _sum_grads(params, dd)  # sum of the ranks' shares: the one-process gradient of the global batch
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        for k, v in out.items():
+        for k, v in shares.items():
             window[k] = window.get(k, 0.0) + float(v.detach())
         n_win += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            if dd.world > 1:  # the window's losses averaged over ranks
+            if dd.world > 1:  # the ranks' shares summed: the global batches' losses, as one process logs them
                 keys = sorted(window)
-                avg = dd.mean(torch.tensor([window[k] for k in keys], dtype=torch.float64, device=dd.device))
-                window = dict(zip(keys, avg.tolist()))
+                tot = dd.sum(torch.tensor([window[k] for k in keys], dtype=torch.float64, device=dd.device))
+                window = dict(zip(keys, tot.tolist()))
             seqs_s = n_win * (b + len(ppick)) / (time.perf_counter() - t0)
             rec = {"step": step, "loss": window["total"] / n_win, "lr": lr, "seqs_s": seqs_s}
             rec.update({k: v / n_win for k, v in window.items() if k != "total"})
@@ -357,36 +357,58 @@ def train(cfg: LMTrainConfig, run_dir=None, resume: bool = False, stop_at: int |
             "yardsticks": yard, "split": (tr, va), "seqs_per_s": seqs_s}
 
 
-def _rank_loss(model: FmriLM, out: dict, descs: list[str], plain: list[str], dd) -> torch.Tensor:
-    """This rank's part of the global batch's loss, for gradients averaged over ranks: F2F as it
-    is (each window has the same number of targets); F2T and T2T, means over this rank's tokens,
-    scaled by world x (its tokens / the global batch's tokens), so that the mean over ranks is
-    the mean over every token of the global batch."""
+def check_divisible(world: int, why: str = "", **sizes) -> None:
+    """InputError naming the first global batch size (setting=value) that ``world`` ranks cannot
+    split evenly."""
+    for name, n in sizes.items():
+        if n % world:
+            raise InputError(f"{name} {n} is not divisible by the {world} ranks{why}")
+
+
+def _rank_loss(model: FmriLM, out: dict, descs: list[str], plain: list[str], dd) -> tuple[torch.Tensor, dict]:
+    """This rank's share of the global batch's loss -> (loss to backpropagate, shares of the
+    logged values); summed over ranks, both are the one-process values of the global batch.
+
+    Convention: the one-process loss is F2F (mean over the batch's targets) + F2T and T2T (each a
+    mean over the batch's labelled text tokens). F2F has the same number of targets per window
+    and every rank the same number of windows, so its share is the rank's mean / world. The text
+    losses' shares are the rank's sum of token losses / the global token count (its mean x its
+    tokens / all ranks' tokens, the counts all-reduced first), since the ranks' texts differ in
+    length. Gradients are then SUM-all-reduced (``_sum_grads``)."""
     c = model.config
-    loss = c.f2f_weight * out["f2f"] if "f2f" in out else torch.zeros((), device=dd.device)
+    w = dd.world
+    shares = {k: out[k] / w for k in ("f2f", "f2f_acc") if k in out}
+    loss = c.f2f_weight * shares["f2f"] if "f2f" in out else torch.zeros((), device=dd.device)
     n = torch.zeros(2, dtype=torch.float64, device=dd.device)
     if "f2t" in out:
         n[0] = int((model.layout(descs, with_fmri=True).labels[:, 1:] != -100).sum())
     if "t2t" in out:
         n[1] = int((model.layout(plain, with_fmri=False).labels[:, 1:] != -100).sum())
-    total = n.clone()
-    torch.distributed.all_reduce(total)
-    for j, (key, w) in enumerate((("f2t", c.f2t_weight), ("t2t", c.t2t_weight))):
+    total = dd.sum(n.clone())
+    for j, (key, weight) in enumerate((("f2t", c.f2t_weight), ("t2t", c.t2t_weight))):
         if key in out:
-            loss = loss + w * out[key] * float(dd.world * n[j] / total[j].clamp_min(1))
-    return loss
+            shares[key] = out[key] * float(n[j] / total[j].clamp_min(1))
+            loss = loss + weight * shares[key]
+    shares["total"] = loss
+    return loss, shares
 
 
-def _average_grads(params: list, dd) -> None:
-    """In place: each trainable parameter's gradient, the mean over ranks (one flat all-reduce;
-    a parameter without a gradient on a rank counts as zero there)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dd.mean(flat)
-    i = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[i:i + g.numel()].view_as(g).clone()
-        i += g.numel()
+def _sum_grads(params: list, dd) -> None:
+    """In place: each trainable parameter's gradient summed over ranks (one flat all-reduce per
+    dtype). A parameter with no gradient on any rank keeps none, as in one process; one with a
+    gradient on some rank only counts zero on the others."""
+    has = dd.sum(torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=dd.device))
+    live = [p for p, h in zip(params, has.tolist()) if h]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for dtype in sorted({p.grad.dtype for p in live}, key=str):
+        group = [p for p in live if p.grad.dtype == dtype]
+        flat = dd.sum(torch.cat([p.grad.reshape(-1) for p in group]))
+        i = 0
+        for p in group:
+            p.grad.copy_(flat[i:i + p.numel()].view_as(p.grad))
+            i += p.numel()
 
 
 # --- files -----------------------------------------------------------------------------------

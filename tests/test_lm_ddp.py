@@ -1,5 +1,6 @@
-"""Stage-2 training data-parallel (gloo, 2 CPU ranks started as torchrun would) against one
-process on the same global batches: the same trained adapter and heads."""
+"""Stage-2 training data-parallel (gloo, 2 CPU ranks started as torchrun would, killed after
+step 2 and resumed) against one process on the same global batches: the same trained adapter
+and heads and the same logged losses; batch sizes the ranks cannot split are refused."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from fmri_bench.errors import InputError
 from fmri_bench.lm_train import train
 from tests.test_fmri_lm import _cfg, tiny_llm
 
-SETTINGS = dict(steps=3, batch_size=4, t2t_batch_size=2, log_every=1, eval_every=0, ckpt_every=0, device="cpu",
+SETTINGS = dict(steps=3, batch_size=4, t2t_batch_size=2, log_every=1, eval_every=0, ckpt_every=2, device="cpu",
                 lr=0.5, model_overrides={"precision": "fp32", "lora_dropout": 0.0})
 
 
@@ -39,14 +40,17 @@ def _worker(rank: int, world: int, port: int, tmp: str, settings: dict) -> None:
     from pathlib import Path
 
     cfg = _cfg(Path(tmp) / f"cfg{rank}", **settings)
-    res = train(cfg, Path(tmp) / "run", llm=tiny_llm())
+    part = train(cfg, Path(tmp) / "run", stop_at=2, llm=tiny_llm())  # killed after step 2 ...
+    assert part["step"] == 2
+    res = train(cfg, Path(tmp) / "run", resume=True, llm=tiny_llm())  # ... every rank resumes from rank 0's file
     torch.save({"trainable": res["model"].trainable_state_dict(), "history": res["history"]},
                Path(tmp) / f"rank{rank}.pt")
 
 
 def test_two_ranks_train_what_one_process_trains(tmp_path, one_thread, monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", _SGD)
-    one = train(_cfg(tmp_path, **SETTINGS), None, llm=tiny_llm())["model"].trainable_state_dict()
+    res1 = train(_cfg(tmp_path, **SETTINGS), None, llm=tiny_llm())
+    one = res1["model"].trainable_state_dict()
     for r in range(2):
         (tmp_path / f"cfg{r}").mkdir()
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), SETTINGS), nprocs=2, join=True)
@@ -59,6 +63,10 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, one_thread, monkeypat
     # only rank 0 writes: one record per step in the run's log, and the model file
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
+    # the logged losses are the global batches' (the ranks' token-weighted shares summed)
+    for r, o in zip([r for r in recs if "loss" in r], [o for o in res1["history"] if "loss" in o]):
+        for k in ("loss", "f2f", "f2f_acc", "f2t", "t2t"):
+            assert r[k] == pytest.approx(o[k], rel=1e-5, abs=1e-6), k
     assert [r["step"] for r in recs if "val_f2t" in r] == [0, 3]
     assert (tmp_path / "run" / "fmri_lm.pt").is_file() and not any("val_f2t" in r for r in ranks[1]["history"])
 
@@ -69,3 +77,11 @@ def test_batch_sizes_must_divide_by_the_ranks(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "setup", lambda device="auto": distributed.Distributed(rank=0, world=3))
     with pytest.raises(InputError, match="batch_size 4 is not divisible by the 3 ranks"):
         train(_cfg(tmp_path, **SETTINGS), None, llm=tiny_llm())
+
+
+def test_effective_batch_sizes_are_checked():
+    from fmri_bench.lm_train import check_divisible
+
+    check_divisible(2, batch_size=4, t2t_batch_size=0)
+    with pytest.raises(InputError, match=r"^t2t_batch_size 3 is not divisible by the 2 ranks \(5 T2T paragraphs\)$"):
+        check_divisible(2, " (5 T2T paragraphs)", batch_size=4, t2t_batch_size=3)
