@@ -282,7 +282,7 @@ def _run_tokenizer(args) -> int:
 
 # --- lm ------------------------------------------------------------------------------------
 def _add_lm(sub) -> None:
-    p = sub.add_parser("lm", help="fMRI-LM: the LLM that reads fMRI (stage 2: align, stage 3: instruct)")
+    p = sub.add_parser("lm", help="fMRI-LM: the LLM that reads fMRI (split / windows: its inputs; stage 2: align, stage 3: instruct)")
     lm_sub = p.add_subparsers(dest="lm_command", required=True)
     a = lm_sub.add_parser("align", help="stage 2: train the LLM (LoRA) on F2F / F2T / T2T (resumable)")
     a.add_argument("--config", default=None, help="YAML fMRI-LM config (default: the tiny CPU settings)")
@@ -312,6 +312,22 @@ def _add_lm(sub) -> None:
     i.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     i.add_argument("--llm", default=None, help="where the checkpoint's LLM is now (default: as trained)")
     i.set_defaults(func=_run_lm_instruct)
+    sp = lm_sub.add_parser("split", help="the subject split of a parcellate directory (prints the training subjects)")
+    sp.add_argument("parcels", help="a directory written by fmri-bench parcellate")
+    sp.add_argument("--labels-from", default=None, help="HCP tree, fMRIPrep folder or participants.tsv (families)")
+    sp.add_argument("--seed", type=int, default=0, help="split seed (default 0, the benchmarks' first re-split)")
+    sp.set_defaults(func=_run_lm_split)
+    w = lm_sub.add_parser("windows", help="parcel runs + descriptor corpus -> windows, per-window corpus and labels")
+    w.add_argument("parcels", help="a directory written by fmri-bench parcellate")
+    w.add_argument("--corpus", required=True, help="corpus .jsonl written by fmri-bench describe")
+    w.add_argument("--labels-from", default=None, help="HCP tree, fMRIPrep folder or participants.tsv (the labels)")
+    w.add_argument("--out", required=True, help="output directory (windows.npy, corpus.jsonl, labels.jsonl; fit/, test/)")
+    w.add_argument("--seed", type=int, default=0, help="split seed (default 0; the one lm split printed)")
+    w.add_argument("--length", type=int, default=160, help="window length in frames at --tr (default 160)")
+    w.add_argument("--tr", type=float, default=2.0, help="model TR in seconds (default 2.0)")
+    w.add_argument("--short", choices=["pad", "skip"], default="pad", help="a run shorter than one window")
+    w.add_argument("--networks", action="store_true", help="Yeo-7 network x hemisphere regions instead of parcels")
+    w.set_defaults(func=_run_lm_windows)
 
 
 def _run_lm_align(args) -> int:
@@ -327,6 +343,23 @@ def _run_lm_align(args) -> int:
     loss = f"{last[-1]['loss']:.4f}" if last else "n/a"
     val = {k: round(v, 4) for k, v in res["val"].items()} or "n/a"
     print(f"step {res['step']}: train loss {loss}, val {val}, {res['seqs_per_s']:.2f} seqs/s -> {args.run_dir}")
+    return 0
+
+
+def _run_lm_split(args) -> int:
+    from fmri_bench.lm_data import parcel_split
+
+    parts = parcel_split(args.parcels, args.labels_from, seed=args.seed)
+    for name in ("train", "val", "test"):
+        print(f"{name}: {' '.join(s for s, p in sorted(parts.items()) if p == name)}")
+    return 0
+
+
+def _run_lm_windows(args) -> int:
+    from fmri_bench.lm_data import lm_windows
+
+    print(lm_windows(args.parcels, args.corpus, args.out, args.labels_from, seed=args.seed, length=args.length,
+                     tr=args.tr, short=args.short, networks=args.networks))
     return 0
 
 

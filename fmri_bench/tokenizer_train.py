@@ -201,9 +201,12 @@ def load_windows(cfg: TokenizerTrainConfig, n_frames: int, n_parcels: int) -> Wi
             recs.append(r)
     if len(recs) != len(w):
         raise InputError(f"{len(recs)} corpus records for {len(w)} windows (need one per window)", d.corpus)
+    # records written by `fmri-bench lm windows` carry each window's real frames (the rest is padding)
+    lengths = np.array([int(r["frames"]) for r in recs], np.int64) if all("frames" in r for r in recs) else None
     return WindowData(w.astype(np.float32), [r["text"] for r in recs],
                       [str(r.get("subject", r.get("scan_id", i))) for i, r in enumerate(recs)],
-                      np.full(len(w), np.nan))
+                      np.full(len(w), np.nan), lengths,
+                      [str(r["scan"]) for r in recs] if all("scan" in r for r in recs) else None)
 
 
 def split_subjects(subjects, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
