@@ -221,7 +221,8 @@ def _run_probe(args) -> int:
 # --- parcellate -------------------------------------------------------------------------------
 def _add_parcellate(sub) -> None:
     p = sub.add_parser("parcellate", help="fMRI runs -> parcel time series (.npy per run + parcels.json)")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="dtseries .nii, func.gii or NIfTI volume")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="dtseries .nii, func.gii or NIfTI volume; or one HCP tree / fMRIPrep folder (its runs)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--atlas", default=None,
                    help="mmp | schaefer400 | yeo7 | yeo17 (fs_LR 32k) | seitzman300 (fsaverage5); "
@@ -231,9 +232,20 @@ def _add_parcellate(sub) -> None:
 
 
 def _run_parcellate(args) -> int:
+    from pathlib import Path
+
+    from fmri_bench.errors import InputError
+    from fmri_bench.harness import adapters
     from fmri_bench.parcels import parcellate
 
-    print(f"{len(args.runs)} runs -> {parcellate(args.runs, args.out, atlas=args.atlas, tr=args.input_tr)}")
+    runs = args.runs
+    if len(runs) == 1 and Path(runs[0]).is_dir():  # a dataset folder: its runs, as --data finds them
+        root = Path(runs[0])
+        layout = adapters.detect_layout(root)
+        if layout is None:
+            raise InputError("no HCP (*_Atlas_MSMAll.dtseries.nii) or fMRIPrep bold runs in this folder", root)
+        runs = adapters.hcp_runs(root) if layout == "hcp" else adapters.fmriprep_runs(root)
+    print(f"{len(runs)} runs -> {parcellate(runs, args.out, atlas=args.atlas, tr=args.input_tr)}")
     return 0
 
 
@@ -242,8 +254,10 @@ def _add_describe(sub) -> None:
     p = sub.add_parser("describe", help="parcel series -> descriptor corpus (JSONL: numbers, z, text)")
     p.add_argument("parcels", help="a directory written by fmri-bench parcellate")
     p.add_argument("--out", required=True, help="corpus .jsonl")
-    p.add_argument("--train-subjects", nargs="+", required=True, metavar="SUBJECT",
-                   help="subjects the z-scores are fitted on (never the test subjects)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--train-subjects", nargs="+", metavar="SUBJECT",
+                     help="subjects the z-scores are fitted on (never the test subjects)")
+    who.add_argument("--split", metavar="SPLIT_JSON", help="the train subjects of a split written by lm split --out")
     p.add_argument("--seed", type=int, default=0, help="template choice seed")
     p.set_defaults(func=_run_describe)
 
@@ -251,7 +265,12 @@ def _add_describe(sub) -> None:
 def _run_describe(args) -> int:
     from fmri_bench.descriptors import describe_directory
 
-    print(describe_directory(args.parcels, args.out, args.train_subjects, seed=args.seed))
+    train = args.train_subjects
+    if args.split is not None:
+        from fmri_bench.lm_data import read_split
+
+        train = [s for s, part in read_split(args.split).items() if part == "train"]
+    print(describe_directory(args.parcels, args.out, train, seed=args.seed))
     return 0
 
 
@@ -316,6 +335,7 @@ def _add_lm(sub) -> None:
     sp.add_argument("parcels", help="a directory written by fmri-bench parcellate")
     sp.add_argument("--labels-from", default=None, help="HCP tree, fMRIPrep folder or participants.tsv (families)")
     sp.add_argument("--seed", type=int, default=0, help="split seed (default 0, the benchmarks' first re-split)")
+    sp.add_argument("--out", default=None, help="also write the split as JSON (for describe --split)")
     sp.set_defaults(func=_run_lm_split)
     w = lm_sub.add_parser("windows", help="parcel runs + descriptor corpus -> windows, per-window corpus and labels")
     w.add_argument("parcels", help="a directory written by fmri-bench parcellate")
@@ -350,6 +370,10 @@ def _run_lm_split(args) -> int:
     from fmri_bench.lm_data import parcel_split
 
     parts = parcel_split(args.parcels, args.labels_from, seed=args.seed)
+    if args.out is not None:
+        from fmri_bench.lm_data import write_split
+
+        write_split(parts, args.out, args.seed)
     for name in ("train", "val", "test"):
         print(f"{name}: {' '.join(s for s, p in sorted(parts.items()) if p == name)}")
     return 0

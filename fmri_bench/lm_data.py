@@ -2,9 +2,9 @@
 
 The fMRI-LM chain on an HCP tree or an fMRIPrep derivatives folder, commands only::
 
-    fmri-bench parcellate RUN ... --out parcels/
-    fmri-bench lm split parcels/ --labels-from DATA            # prints the training subjects
-    fmri-bench describe parcels/ --out corpus.jsonl --train-subjects SUBJECT ...
+    fmri-bench parcellate DATA --out parcels/                    # DATA: an HCP tree or fMRIPrep folder
+    fmri-bench lm split parcels/ --labels-from DATA --out split.json
+    fmri-bench describe parcels/ --out corpus.jsonl --split split.json
     fmri-bench lm windows parcels/ --corpus corpus.jsonl --labels-from DATA --out lmdata/
     fmri-bench tokenizer / lm align  (data.windows=lmdata/fit/windows.npy data.corpus=lmdata/fit/corpus.jsonl)
     fmri-bench lm instruct           (--windows lmdata/fit/windows.npy --labels lmdata/fit/labels.jsonl)
@@ -99,6 +99,28 @@ def parcel_split(parcels_dir, labels_from=None, seed: int = 0) -> dict[str, str]
         people = participants_table(labels_from)
         check_subjects(subjects, people, labels_from)
     return subject_parts(subjects, people, seed)
+
+
+def write_split(parts: dict[str, str], path, seed: int = 0) -> None:
+    """The subject parts as JSON ({"seed", "parts": {subject: part}}), written atomically."""
+    from fmri_bench.paths import atomic_save
+
+    text = json.dumps({"seed": seed, "parts": parts}, indent=1) + "\n"
+    atomic_save(lambda p: Path(p).write_text(text), Path(path))
+
+
+def read_split(path) -> dict[str, str]:
+    """subject -> part of a split JSON (``write_split``; also lm windows' split.json)."""
+    path = Path(path)
+    try:
+        parts = json.loads(path.read_text())["parts"]
+    except FileNotFoundError:
+        raise InputError("split file not found", path) from None
+    except (ValueError, KeyError, TypeError):
+        raise InputError("not a split file (JSON with 'parts', as lm split --out writes)", path) from None
+    if not isinstance(parts, dict) or not set(parts.values()) <= set(PARTS) or "train" not in parts.values():
+        raise InputError("split has no train subjects, or parts other than train / val / test", path)
+    return {str(k): str(v) for k, v in parts.items()}
 
 
 def _subjects(series, parcels_dir) -> list[str]:

@@ -38,13 +38,15 @@ def _parts(capsys):
 
 def test_split_describe_windows(tree, capsys):
     tsv = str(tree / "participants.tsv")
-    assert main(["lm", "split", str(tree / "parcels"), "--labels-from", tsv]) == 0
+    assert main(["lm", "split", str(tree / "parcels"), "--labels-from", tsv, "--out", str(tree / "split.json")]) == 0
     parts = _parts(capsys)
     assert sorted(sum(parts.values(), [])) == [str(100 + i) for i in range(12)] and parts["test"]
     family = {str(100 + i): i // 2 for i in range(12)}
     assert not {family[s] for s in parts["test"]} & {family[s] for s in parts["train"] + parts["val"]}
     corpus = tree / "corpus.jsonl"
-    assert main(["describe", str(tree / "parcels"), "--out", str(corpus), "--train-subjects", *parts["train"]]) == 0
+    assert main(["describe", str(tree / "parcels"), "--out", str(corpus), "--split", str(tree / "split.json")]) == 0
+    assert sorted(json.loads(x)["subject"] for x in corpus.read_text().splitlines()
+                  if json.loads(x)["train"]) == sorted(parts["train"] * 2)
     out = tree / "lm"
     assert main(["lm", "windows", str(tree / "parcels"), "--corpus", str(corpus), "--labels-from", tsv,
                  "--out", str(out)]) == 0
@@ -91,3 +93,20 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tree, capsys, case):
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert ("z-scored on 8 training subjects" in err) if case == "other_train_subjects" else ("not in the participants" in err)
     assert not out.exists()
+
+
+def test_parcellate_takes_a_dataset_folder(tmp_path, capsys):
+    from fmri_bench.io import write_cifti
+
+    rng = np.random.default_rng(0)
+    for sub in ("100", "101"):
+        run = tmp_path / "hcp" / sub / "MNINonLinear" / "Results" / "rfMRI_REST1_LR"
+        run.mkdir(parents=True)
+        write_cifti(run / "rfMRI_REST1_LR_Atlas_MSMAll.dtseries.nii", rng.standard_normal((8, 59412)), tr=0.72)
+    assert main(["parcellate", str(tmp_path / "hcp"), "--out", str(tmp_path / "p"), "--atlas", "yeo7"]) == 0
+    meta = json.loads((tmp_path / "p" / "parcels.json").read_text())
+    assert sorted(r["subject"] for r in meta["runs"]) == ["100", "101"]
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert main(["parcellate", str(tmp_path / "empty"), "--out", str(tmp_path / "q")]) == 2
+    assert "no HCP" in capsys.readouterr().err and not (tmp_path / "q").exists()
