@@ -442,6 +442,8 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated compute, run nothing")
     p.add_argument("--force", action="store_true", help="paper profile: run even without a GPU")
     p.add_argument("--gpus", type=int, default=1, help="paper profile: GPUs for torchrun (default 1)")
+    p.add_argument("--lm-data", default=None,
+                   help="paper profile: raw runs (HCP tree / fMRIPrep folder) for the fMRI-LM steps")
     p.set_defaults(func=_run_reproduce)
 
 
@@ -451,7 +453,7 @@ def _run_reproduce(args) -> int:
 
     try:
         rec = reproduce(args.profile, args.only, args.out, args.data, dry_run=args.dry_run, force=args.force,
-                        gpus=args.gpus)
+                        gpus=args.gpus, lm_data=args.lm_data)
     except NotebookError as err:
         print(f"fmri-bench reproduce: {err}", file=sys.stderr)
         return 1

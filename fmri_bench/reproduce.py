@@ -14,9 +14,12 @@ chapter that made them.
   625k steps) as library commands, pretraining under ``torchrun`` on a GPU machine, then the
   state and trait probes and the FC baseline, on a dataset of flat-map shards with ``train/``
   and ``val/`` folders. ``--dry-run`` prints the plan and its estimated compute; on a machine
-  without a GPU it refuses unless ``--force``. The fMRI-LM paper sizes (``configs/tokenizer_paper.yaml``,
-  ``configs/lm_paper.yaml``) need parcel windows and a descriptor corpus of the real scans
-  (``fmri-bench parcellate`` / ``describe``) and are not in this plan yet.
+  without a GPU it refuses unless ``--force``. With ``--lm-data`` (the raw runs: an HCP tree or
+  an fMRIPrep folder with its participants table) the fMRI-LM chain at the paper's sizes
+  follows (``lm_paper_steps``: parcellate, split, describe, windows, ``configs/tokenizer_paper.yaml``,
+  ``configs/lm_paper.yaml`` under torchrun, ``configs/instruct_paper.yaml``), each step with a
+  compute estimate from its config (``lm_estimates``). The zero- / few-shot answers on the
+  test subjects are not a command yet (chapter 08's code makes those tables).
 """
 
 from __future__ import annotations
@@ -62,10 +65,12 @@ class Plan:
     profile: str
     steps: list[Step] = field(default_factory=list)
     data: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def text(self) -> str:
         head = f"reproduce --profile {self.profile}: {len(self.steps)} steps on {self.data}"
-        return "\n".join([head] + [f"  {k}. {s.line()}" for k, s in enumerate(self.steps, 1)])
+        return "\n".join([head] + [f"  {k}. {s.line()}" for k, s in enumerate(self.steps, 1)]
+                         + [f"  note: {n}" for n in self.notes])
 
 
 def chapter_tables(notebooks: Path | None = None) -> dict[str, list[str]]:
@@ -136,9 +141,80 @@ def chapter_plan(profile: str, only: list[str] | None = None, out: Path | None =
 PAPER_MAE_EFLOP = 1.44
 
 
-def paper_plan(data: str | os.PathLike, out: str | os.PathLike, gpus: int = 1) -> Plan:
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def lm_estimates(cfg: Path, n_parcels: int = 360) -> dict[str, str]:
+    """Compute estimates of the fMRI-LM paper steps from their configs (FLOPs, 2 per multiply-add,
+    forward + backward): a transformer step costs ~6 x params x tokens (4 x with frozen weights
+    under LoRA, which computes no weight gradient) + 12 x layers x tokens^2 x width of attention.
+    Assumed: MMP 360 parcels (a CIFTI adds 19 subcortical regions), 160-frame windows, the
+    default LLM SmolLM2-135M-Instruct (30 layers, width 576; GPT-2 124M costs about the same,
+    Qwen3-0.6B ~4x)."""
+    tok, lmc, ins = _yaml(cfg / "tokenizer_paper.yaml"), _yaml(cfg / "lm_paper.yaml"), _yaml(cfg / "instruct_paper.yaml")
+    # tokenizer: ViT-S 384-d, 12 encoder + 12 decoder layers (~12 d^2 parameters a layer)
+    d, layers = 384, 24
+    t_tok = n_parcels * (160 // int(tok["model_overrides"]["patch_len"]))
+    per_window = 6 * layers * 12 * d * d * t_tok + 12 * layers * t_tok ** 2 * d
+    e_tok = per_window * tok["batch_size"] * tok["steps"] / 1e18
+    # LLM: 135M parameters, 30 layers, width 576; sequences <fmri> fMRI </fmri> text
+    p_llm, l_llm, w_llm = 135e6, 30, 576
+    t_lm = t_tok + 2 + int(lmc["model_overrides"]["max_text_tokens"])
+    seq = 4 * p_llm * t_lm + 12 * l_llm * t_lm ** 2 * w_llm
+    t2t = 4 * p_llm * 256
+    e_lm = (lmc["batch_size"] * seq + lmc["t2t_batch_size"] * t2t) * lmc["steps"] / 1e18
+    e_ins = ins["batch_size"] * seq * ins["steps"] / 1e18
+    note = f"estimate, {n_parcels} parcels assumed"
+    return {"tokenizer": f"~{e_tok:.1f} EFLOP ({t_tok} tokens a window x batch {tok['batch_size']} x "
+                         f"{tok['steps']} steps; {note})",
+            "lm_align": f"~{e_lm:.2f} EFLOP ({t_lm} positions a sequence x batch {lmc['batch_size']} + "
+                        f"{lmc['t2t_batch_size']} plain texts x {lmc['steps']} steps, LoRA on SmolLM2-135M; {note})",
+            "lm_instruct": f"~{e_ins:.2f} EFLOP (batch {ins['batch_size']} x {ins['steps']} steps; {note})"}
+
+
+def lm_paper_steps(lm_data: str | os.PathLike, run: Path, cfg: Path, cli: list[str], torchrun: list[str]) -> list[Step]:
+    """The fMRI-LM chain on raw runs (an HCP tree or an fMRIPrep folder with its participants
+    table): parcellate, split, describe, windows, tokenizer, lm align (under torchrun), lm
+    instruct. Outputs under ``run`` (``paper_runs/``)."""
+    from fmri_bench.harness import adapters
+
+    root = Path(lm_data)
+    if not root.is_dir() or adapters.detect_layout(root) is None:
+        raise InputError("--lm-data needs the raw runs: an HCP tree (*_Atlas_MSMAll.dtseries.nii) or an "
+                         "fMRIPrep derivatives folder", root)
+    par, lmd, est = run / "parcels", run / "lmdata", lm_estimates(cfg)
+    fit = [f"data.windows={lmd / 'fit' / 'windows.npy'}", f"data.corpus={lmd / 'fit' / 'corpus.jsonl'}"]
+    src = str(root)
+    return [
+        Step("lm_parcellate", [], cli + ["parcellate", src, "--out", str(par), "--atlas", "mmp"],
+             estimate="minutes per 100 runs (CPU)", data=src),
+        Step("lm_split", [], cli + ["lm", "split", str(par), "--labels-from", src, "--out", str(run / "split.json")],
+             estimate="seconds", data=src),
+        Step("lm_describe", [], cli + ["describe", str(par), "--out", str(run / "corpus.jsonl"), "--split",
+                                       str(run / "split.json")], estimate="~1 s a run (CPU)", data=src),
+        Step("lm_windows", [], cli + ["lm", "windows", str(par), "--corpus", str(run / "corpus.jsonl"), "--labels-from",
+                                      src, "--out", str(lmd)], estimate="seconds", data=src),
+        Step("lm_tokenizer", [], cli + ["tokenizer", "--config", str(cfg / "tokenizer_paper.yaml"), "--run-dir",
+                                        str(run / "tok"), *fit], estimate=est["tokenizer"], data=src),
+        Step("lm_align", [], torchrun + ["lm", "align", "--config", str(cfg / "lm_paper.yaml"), "--run-dir",
+                                         str(run / "lm"), f"tokenizer={run / 'tok' / 'tokenizer.pt'}", *fit],
+             estimate=est["lm_align"], data=src),
+        Step("lm_instruct", [], cli + ["lm", "instruct", "--config", str(cfg / "instruct_paper.yaml"), "--run-dir",
+                                       str(run / "instruct"), f"checkpoint={run / 'lm' / 'fmri_lm.pt'}",
+                                       f"windows={lmd / 'fit' / 'windows.npy'}", f"labels={lmd / 'fit' / 'labels.jsonl'}"],
+             estimate=est["lm_instruct"], data=src),
+    ]
+
+
+def paper_plan(data: str | os.PathLike, out: str | os.PathLike, gpus: int = 1,
+               lm_data: str | os.PathLike | None = None) -> Plan:
     """The paper runs as commands on a shard dataset with train/ and val/ folders; the MAE run
-    goes to ``out/paper_runs/mae``, the tables to ``out/results``."""
+    goes to ``out/paper_runs/mae``, the tables to ``out/results``. ``lm_data``: the raw runs
+    (HCP tree / fMRIPrep folder) for the fMRI-LM chain (``lm_paper_steps``); without it the
+    plan says those steps are left out."""
     from fmri_bench.catalog import resolve
 
     root = resolve(data)
@@ -164,7 +240,15 @@ def paper_plan(data: str | os.PathLike, out: str | os.PathLike, gpus: int = 1) -
         Step("fc", ["state21_fc"], cli + ["baseline", "fc", "--task", "state21", "--data", str(root), "--out",
                                          str(res / "state21_fc.json")], estimate="minutes"),
     ]
-    return Plan("paper", steps, str(root))
+    notes = ["fMRI-LM answers on the test subjects (lmdata/test/) are not a command yet: the zero- and few-shot "
+             "tables come from chapter 08's code"]
+    if lm_data is None:
+        notes.insert(0, "fMRI-LM steps left out: --lm-data PATH (an HCP tree or fMRIPrep folder with its "
+                        "participants table) adds parcellate -> split -> describe -> windows -> tokenizer -> "
+                        "lm align -> lm instruct")
+    else:
+        steps += lm_paper_steps(lm_data, run, cfg, cli, torchrun)
+    return Plan("paper", steps, str(root), notes)
 
 
 def hardware() -> dict:
@@ -216,7 +300,7 @@ def _seed(step: Step) -> int:
 
 def reproduce(profile: str = "smoke", only: list[str] | None = None, out: str | os.PathLike | None = None,
               data: str | None = None, dry_run: bool = False, force: bool = False, gpus: int = 1,
-              notebooks: Path | None = None, verbose: bool = True) -> dict:
+              notebooks: Path | None = None, verbose: bool = True, lm_data: str | None = None) -> dict:
     """Run the plan of ``profile`` -> the provenance record (also ``<out>/provenance.json``)."""
     from fmri_bench.book import book_dir, execute_notebook
 
@@ -227,8 +311,10 @@ def reproduce(profile: str = "smoke", only: list[str] | None = None, out: str | 
         if data is None:
             raise InputError("--profile paper needs --data: flat-map shards with train/ and val/ "
                              "(e.g. the catalogue's flatmap-shards, or a cohort's pretrain shards)")
-        plan = paper_plan(data, out, gpus)
+        plan = paper_plan(data, out, gpus, lm_data)
     else:
+        if lm_data is not None:
+            raise InputError("--lm-data is for --profile paper (the smoke and book profiles run the chapters)")
         if data not in (None, "synth-smoke", "synth-book"):
             raise InputError(f"--data {data}: the smoke and book profiles reproduce the chapters' tables on "
                              "the embedded synthetic cohort; real data go through --profile paper or "

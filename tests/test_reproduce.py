@@ -60,6 +60,23 @@ def test_paper_plan_dry_run_and_no_gpu(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "torch.distributed.run --nproc-per-node=8 -m fmri_bench.cli pretrain --config" in text
     assert "pretrain_base_paper.yaml" in text and "1.44 EFLOP" in text
+    assert "note: fMRI-LM steps left out: --lm-data PATH" in text
+    # with the raw runs: the fMRI-LM chain after the MAE steps, stage 2 under torchrun, estimates from the configs
+    run = tmp_path / "hcp" / "100" / "MNINonLinear" / "Results" / "rfMRI_REST1_LR"
+    run.mkdir(parents=True)
+    (run / "rfMRI_REST1_LR_Atlas_MSMAll.dtseries.nii").write_bytes(b"")
+    assert main(["reproduce", "--profile", "paper", "--data", str(shards), "--out", str(tmp_path / "o"),
+                 "--gpus", "8", "--lm-data", str(tmp_path / "hcp"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    order = [name for name in ("lm_parcellate", "lm_split", "lm_describe", "lm_windows", "lm_tokenizer", "lm_align",
+                               "lm_instruct") for k, line in enumerate(lines) if line.strip().startswith(f"{k}. {name}:")]
+    assert order == ["lm_parcellate", "lm_split", "lm_describe", "lm_windows", "lm_tokenizer", "lm_align", "lm_instruct"]
+    align = next(line for line in lines if "lm_align:" in line)
+    assert "torch.distributed.run --nproc-per-node=8 -m fmri_bench.cli lm align --config" in align
+    assert "lm_paper.yaml" in align and "EFLOP" in align and "estimate" in align
+    assert "--split" in next(line for line in lines if "lm_describe:" in line)
+    assert main(["reproduce", "--profile", "paper", "--data", str(shards), "--lm-data", str(shards), "--dry-run"]) == 2
+    assert "--lm-data needs the raw runs" in capsys.readouterr().err
     assert not (tmp_path / "o" / "provenance.json").exists()  # a dry run writes nothing
     if not torch.cuda.is_available():
         assert main(["reproduce", "--profile", "paper", "--data", str(shards), "--out", str(tmp_path / "o")]) == 2
