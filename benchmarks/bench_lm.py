@@ -52,20 +52,13 @@ import sys
 import time
 
 import torch
+from bench_mae import matmul_tflops as mae_matmul_tflops
 from torch.utils.flop_counter import FlopCounterMode
 
 
 def matmul_tflops(seconds: float = 2.0, dtype: torch.dtype = torch.float32) -> float:
-    """Best-of rate of a 2048^3 matmul (fp32 unless dtype)."""
-    n = 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    return best / 1e12
+    """Best-of rate of a 2048^3 CPU matmul (``bench_mae.matmul_tflops``, the reference of every benchmark)."""
+    return mae_matmul_tflops(torch.device("cpu"), dtype, seconds)
 
 
 def bench_load() -> dict:

@@ -155,9 +155,12 @@ def lm_estimates(cfg: Path, n_parcels: int = 360) -> dict[str, str]:
     default LLM SmolLM2-135M-Instruct (30 layers, width 576; GPT-2 124M costs about the same,
     Qwen3-0.6B ~4x)."""
     tok, lmc, ins = _yaml(cfg / "tokenizer_paper.yaml"), _yaml(cfg / "lm_paper.yaml"), _yaml(cfg / "instruct_paper.yaml")
-    # tokenizer: ViT-S 384-d, 12 encoder + 12 decoder layers (~12 d^2 parameters a layer)
-    d, layers = 384, 24
-    t_tok = n_parcels * (160 // int(tok["model_overrides"]["patch_len"]))
+    from fmri_bench.models.tokenizer import tokenizer_config
+
+    # tokenizer: the config's preset (paper: ViT-S 384-d, 12 + 12 layers; ~12 d^2 parameters a layer)
+    tc = tokenizer_config(tok.get("preset", "paper"), **tok.get("model_overrides", {}))
+    d, layers = tc.embed_dim, tc.depth + tc.decoder_depth
+    t_tok = n_parcels * (tc.n_frames // tc.patch_len)
     per_window = 6 * layers * 12 * d * d * t_tok + 12 * layers * t_tok ** 2 * d
     e_tok = per_window * tok["batch_size"] * tok["steps"] / 1e18
     # LLM: 135M parameters, 30 layers, width 576; sequences <fmri> fMRI </fmri> text

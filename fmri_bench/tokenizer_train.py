@@ -221,6 +221,31 @@ def split_subjects(subjects, val_fraction: float, seed: int) -> tuple[np.ndarray
     return train, val
 
 
+def domain_separability(fake: torch.Tensor, words: torch.Tensor, steps: int = 400, lr: float = 1e-3,
+                        seed: int = 0, subspace_dim: int | None = None, adv_hidden: int = 256) -> float:
+    """How well a fresh domain classifier of the tokenizer's shape (Linear-GELU-2) tells ``fake``
+    (n, W) from ``words`` (M, W): Adam on the classifier alone for ``steps``, balanced samples as
+    in training -> its accuracy, mean of the last 50 steps (chance 0.5). subspace_dim: both kinds
+    inside the words' top principal directions first (``LanguageAlignment.word_subspace``)."""
+    from fmri_bench.models.tokenizer import LanguageAlignment, tokenizer_config
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    w = int(words.shape[1])
+    cfg = tokenizer_config("tiny", llm_dim=w, adv_hidden=adv_hidden, adv_word_subspace=subspace_dim is not None)
+    al = LanguageAlignment(cfg, subspace_dim or w)
+    al.to_llm = torch.nn.Identity()  # the tokens come in at the LLM width already
+    opt = torch.optim.Adam(al.domain.parameters(), lr=lr)
+    accs = []
+    for _ in range(steps):
+        loss, acc = al.adversarial(fake[None], words, 0.0, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        accs.append(float(acc))
+    return float(np.mean(accs[-50:]))
+
+
 def text_features(texts: list[str], llm: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(text states (n, H), word embeddings (M, H)) of the frozen LLM, cached per corpus."""
     from fmri_bench import lm
