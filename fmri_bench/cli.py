@@ -301,7 +301,8 @@ def _run_tokenizer(args) -> int:
 
 # --- lm ------------------------------------------------------------------------------------
 def _add_lm(sub) -> None:
-    p = sub.add_parser("lm", help="fMRI-LM: the LLM that reads fMRI (split / windows: its inputs; stage 2: align, stage 3: instruct)")
+    p = sub.add_parser("lm", help="fMRI-LM: the LLM that reads fMRI (split / windows: its inputs; stage 2: align, stage 3: "
+                                    "instruct; evaluate: answers on the test subjects)")
     lm_sub = p.add_subparsers(dest="lm_command", required=True)
     a = lm_sub.add_parser("align", help="stage 2: train the LLM (LoRA) on F2F / F2T / T2T (resumable)")
     a.add_argument("--config", default=None, help="YAML fMRI-LM config (default: the tiny CPU settings)")
@@ -331,6 +332,21 @@ def _add_lm(sub) -> None:
     i.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     i.add_argument("--llm", default=None, help="where the checkpoint's LLM is now (default: as trained)")
     i.set_defaults(func=_run_lm_instruct)
+    e = lm_sub.add_parser("evaluate", help="answers about the test subjects' scans -> balanced accuracy + CI beside "
+                                           "chance, majority, a linear probe and FC (a results table)")
+    e.add_argument("--checkpoint", required=True, help="fmri_lm.pt written by lm instruct (or lm align)")
+    e.add_argument("--data", required=True, help="the folder lm windows wrote (test/: answered; fit/: the yardsticks)")
+    e.add_argument("--out", required=True, help="results table .json (a .md is written beside it)")
+    e.add_argument("--questions", nargs="+", default=None,
+                   help="question types (default: every one whose label the data carry)")
+    e.add_argument("--no-descriptors", action="store_true", help="leave the descriptor text out of the prompts")
+    e.add_argument("--fit-descriptors", action="store_true",
+                   help="cut descriptor texts at sentence ends to fit the prompt budget (default: refuse)")
+    e.add_argument("--llm", default=None, help="where the checkpoint's LLM is now (default: as trained)")
+    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws over test subjects (default 1000)")
+    e.add_argument("--seed", type=int, default=0, help="paraphrases, bootstrap and the FC subsample (default 0)")
+    e.add_argument("--batch-size", type=int, default=8, help="windows answered at a time (default 8)")
+    e.set_defaults(func=_run_lm_evaluate)
     sp = lm_sub.add_parser("split", help="the subject split of a parcellate directory (prints the training subjects)")
     sp.add_argument("parcels", help="a directory written by fmri-bench parcellate")
     sp.add_argument("--labels-from", default=None, help="HCP tree, fMRIPrep folder or participants.tsv (families)")
@@ -363,6 +379,17 @@ def _run_lm_align(args) -> int:
     loss = f"{last[-1]['loss']:.4f}" if last else "n/a"
     val = {k: round(v, 4) for k, v in res["val"].items()} or "n/a"
     print(f"step {res['step']}: train loss {loss}, val {val}, {res['seqs_per_s']:.2f} seqs/s -> {args.run_dir}")
+    return 0
+
+
+def _run_lm_evaluate(args) -> int:
+    from fmri_bench.lm_evaluate import lm_evaluate
+
+    res = lm_evaluate(args.checkpoint, args.data, args.out, args.questions, descriptors=not args.no_descriptors,
+                      fit_descriptors=args.fit_descriptors, llm=args.llm, n_boot=args.n_boot, seed=args.seed,
+                      batch_size=args.batch_size)
+    print("\n".join(res["verdicts"]))
+    print(f"-> {res['json']} ({len(res['rows'])} rows)")
     return 0
 
 

@@ -8,7 +8,8 @@ The fMRI-LM chain on an HCP tree or an fMRIPrep derivatives folder, commands onl
     fmri-bench lm windows parcels/ --corpus corpus.jsonl --labels-from DATA --out lmdata/
     fmri-bench tokenizer / lm align  (data.windows=lmdata/fit/windows.npy data.corpus=lmdata/fit/corpus.jsonl)
     fmri-bench lm instruct           (--windows lmdata/fit/windows.npy --labels lmdata/fit/labels.jsonl)
-    (the test subjects' windows: lmdata/test/, for the answers; fmri-bench ask on one scan)
+    fmri-bench lm evaluate --checkpoint runs/instruct/fmri_lm.pt --data lmdata/ --out results/lm_answers.json
+    (the answers on the test subjects, lmdata/test/; fmri-bench ask on one scan)
 
 - ``subject_parts``: subject -> "train" | "val" | "test", the first of the benchmarks'
   family-grouped re-splits (``splits.resplits(..., seed)[0]``, as ``harness.tasks.splits_for``
@@ -263,7 +264,7 @@ def lm_windows(parcels_dir, corpus, out, labels_from=None, seed: int = 0, length
     write(out, np.arange(len(rows)))
     write(out / "fit", fit)
     write(out / "test", test)
-    split = {"seed": seed, "how": "splits.resplits(subjects, families, n_splits=1, seed)[0], as the benchmarks",
+    split = {"seed": seed, "source": _source(labels_from), "how": "splits.resplits(subjects, families, n_splits=1, seed)[0], as the benchmarks",
              "parts": parts, "labels": sorted({k for r in rows for k in r} - {"subject", "scan", "part", "text"}),
              "notes": notes, "short": short, "length": length, "tr": tr}
     atomic_save(lambda p: Path(p).write_text(json.dumps(split, indent=1) + "\n"), out / "split.json")
@@ -272,6 +273,15 @@ def lm_windows(parcels_dir, corpus, out, labels_from=None, seed: int = 0, length
             f"({n_runs - kept} shorter than {max(1, length // 4) if short == 'pad' else length} frames at TR {tr:g} s, "
             f"left out); subjects train {counts['train']} / val {counts['val']} / test {counts['test']}; "
             f"labels {', '.join(split['labels']) or 'none'} -> {out}")
+
+
+def _source(labels_from) -> str:
+    """'synthetic' when the labels come from a simulated cohort (its ground_truth.json beside
+    them), 'real' for any other labels, 'unknown' without labels: the rows' source label."""
+    if labels_from is None:
+        return "unknown"
+    p = Path(labels_from)
+    return "synthetic" if any((d / "ground_truth.json").is_file() for d in (p, p.parent)) else "real"
 
 
 def _read_corpus(path) -> list[dict]:

@@ -309,13 +309,18 @@ def evaluate(model, features: torch.Tensor, exs, subjects, batch_size: int = 8, 
         res = answer(model, features[torch.tensor([e[0] for e in b])], [e[1] for e in b], q.options)
         preds += [r["answer"] for r in res]
         p_right += [r["probabilities"][e[2]] for r, e in zip(res, b)]
-    y = [e[2] for e in exs]
-    subs = [subjects[e[0]] for e in exs]
-    out = {"balanced_accuracy": balanced_accuracy(y, preds), "ci95": subject_bootstrap(y, preds, subs, n_boot, seed),
-           "predictions": preds, "p_right": float(np.mean(p_right)), "n": len(exs),
-           "n_subjects": len(set(subs)), "chance": 1.0 / len(q.options)}
+    return answer_summary(q, [e[2] for e in exs], preds, p_right, [subjects[e[0]] for e in exs], n_boot, seed)
+
+
+def answer_summary(q: Question, y, preds, p_right, subjects, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Answers to one question type -> balanced accuracy, its subject-bootstrap 95 % CI, chance
+    (1 / options), the mean probability of the right answer (None if not given) and, for a
+    numeric question, the mean absolute error with its CI (``evaluate``'s result)."""
+    out = {"balanced_accuracy": balanced_accuracy(y, preds), "ci95": subject_bootstrap(y, preds, subjects, n_boot, seed),
+           "predictions": list(preds), "p_right": None if p_right is None else float(np.mean(p_right)),
+           "n": len(y), "n_subjects": len(set(subjects)), "chance": 1.0 / len(q.options)}
     if q.numeric:
-        out["mae"], out["mae_ci95"] = mae_with_ci(y, preds, subs, n_boot, seed)
+        out["mae"], out["mae_ci95"] = mae_with_ci(y, preds, subjects, n_boot, seed)
     return out
 
 
@@ -335,16 +340,23 @@ def probe_predict(X, y, train_idx, test_idx, C: float = 1.0, seed: int = 0) -> n
     """A linear probe on exactly the given training items (standardised features, logistic
     regression at a fixed C: a few shots leave nothing to cross-validate on) -> test predictions.
     One class in the training items: that class is predicted (the majority rule)."""
+    X = np.asarray(X, float)
+    return probe_fit(X[train_idx], np.asarray(y)[train_idx], C, seed)(X[test_idx])
+
+
+def probe_fit(X, y, C: float = 1.0, seed: int = 0):
+    """``probe_predict``'s linear probe fitted on (X, y) -> a function of test features giving
+    predictions (so that large test sets can be predicted in chunks); one class: that class."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    X, y = np.asarray(X, float), np.asarray(y).astype(str)
-    ytr = y[train_idx]
-    if len(np.unique(ytr)) < 2:
-        return np.full(len(test_idx), ytr[0])
+    y = np.asarray(y).astype(str)
+    if len(np.unique(y)) < 2:
+        return lambda Xt: np.full(len(Xt), y[0])
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, random_state=seed))
-    return clf.fit(X[train_idx], ytr).predict(X[test_idx])
+    clf.fit(np.asarray(X, float), y)
+    return lambda Xt: clf.predict(np.asarray(Xt, float))
 
 
 def pooled(features: torch.Tensor) -> np.ndarray:
@@ -477,6 +489,12 @@ def instruct(checkpoint, windows_path, labels_path, questions, run_dir, steps: i
     hist = instruct_train(model, feats, exs, steps, batch_size, lr, seed, run_dir=run_dir, resume=resume,
                           ckpt_every=max(1, steps // 5), progress=progress, tokenizer_fp=tok_fp,
                           settings={"windows": windows_digest})
-    save_model(model, os.path.join(run_dir, "fmri_lm.pt"), tok_fp, cfg)
+    from fmri_bench.lm_train import load_checkpoint
+
+    before = load_checkpoint(checkpoint).get("instruct") or {}  # a model tuned again keeps what it saw first
+    seen = list(dict.fromkeys([*before.get("questions", []), *kinds]))
+    save_model(model, os.path.join(run_dir, "fmri_lm.pt"), tok_fp, cfg,
+               instruct={"questions": seen, "steps": int(before.get("steps", 0)) + int(steps),
+                         "descriptors": bool(descriptors)})
     return {"step": hist[-1]["step"] if hist else 0, "loss": hist[-1]["loss"] if hist else float("nan"),
             "examples": len(exs), "run_dir": str(run_dir)}

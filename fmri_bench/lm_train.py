@@ -433,9 +433,14 @@ def check_compatible(ck: dict, model: FmriLM, tokenizer_fp: str | None, path) ->
         raise InputError("checkpoint was trained with another tokenizer (its fingerprint differs)", path)
 
 
-def save_model(model: FmriLM, path, tokenizer_fp: str, cfg: LMTrainConfig | None = None) -> None:
+def save_model(model: FmriLM, path, tokenizer_fp: str, cfg: LMTrainConfig | None = None,
+               instruct: dict | None = None) -> None:
+    """The adapter + heads, configs and fingerprints (not the frozen LLM), atomically. ``instruct``:
+    what stage 3 tuned the model on (question types, steps, descriptors), which ``lm evaluate``
+    reads to tell tuned questions from zero-shot ones."""
     obj = {"format": CHECKPOINT_FORMAT, "model_config": model.config.to_dict(), "trainable": model.trainable_state_dict(),
-           "llm": model.llm_fingerprint, "tokenizer": tokenizer_fp, "train_config": cfg.to_dict() if cfg else None}
+           "llm": model.llm_fingerprint, "tokenizer": tokenizer_fp, "train_config": cfg.to_dict() if cfg else None,
+           "instruct": instruct}
     atomic_save(lambda tmp: torch.save(obj, tmp), path)
 
 

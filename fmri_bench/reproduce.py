@@ -17,9 +17,10 @@ chapter that made them.
   without a GPU it refuses unless ``--force``. With ``--lm-data`` (the raw runs: an HCP tree or
   an fMRIPrep folder with its participants table) the fMRI-LM chain at the paper's sizes
   follows (``lm_paper_steps``: parcellate, split, describe, windows, ``configs/tokenizer_paper.yaml``,
-  ``configs/lm_paper.yaml`` under torchrun, ``configs/instruct_paper.yaml``), each step with a
-  compute estimate from its config (``lm_estimates``). The zero- / few-shot answers on the
-  test subjects are not a command yet (chapter 08's code makes those tables).
+  ``configs/lm_paper.yaml`` under torchrun, ``configs/instruct_paper.yaml``, ``lm evaluate``), each step with a
+  compute estimate from its config (``lm_estimates``), and last ``lm evaluate``: the tuned and
+  zero-shot answers on the test subjects beside their yardsticks (table ``lm_answers``); the
+  few-shot adaptation is chapter 08's code.
 """
 
 from __future__ import annotations
@@ -178,10 +179,12 @@ def lm_estimates(cfg: Path, n_parcels: int = 360) -> dict[str, str]:
             "lm_instruct": f"~{e_ins:.2f} EFLOP (batch {ins['batch_size']} x {ins['steps']} steps; {note})"}
 
 
-def lm_paper_steps(lm_data: str | os.PathLike, run: Path, cfg: Path, cli: list[str], torchrun: list[str]) -> list[Step]:
+def lm_paper_steps(lm_data: str | os.PathLike, run: Path, cfg: Path, cli: list[str], torchrun: list[str],
+                   res: Path) -> list[Step]:
     """The fMRI-LM chain on raw runs (an HCP tree or an fMRIPrep folder with its participants
     table): parcellate, split, describe, windows, tokenizer, lm align (under torchrun), lm
-    instruct. Outputs under ``run`` (``paper_runs/``)."""
+    instruct, lm evaluate (the answers on the test subjects: table ``lm_answers`` in ``res``).
+    Outputs under ``run`` (``paper_runs/``)."""
     from fmri_bench.harness import adapters
 
     root = Path(lm_data)
@@ -209,6 +212,9 @@ def lm_paper_steps(lm_data: str | os.PathLike, run: Path, cfg: Path, cli: list[s
                                        str(run / "instruct"), f"checkpoint={run / 'lm' / 'fmri_lm.pt'}",
                                        f"windows={lmd / 'fit' / 'windows.npy'}", f"labels={lmd / 'fit' / 'labels.jsonl'}"],
              estimate=est["lm_instruct"], data=src),
+        Step("lm_evaluate", ["lm_answers"], cli + ["lm", "evaluate", "--checkpoint", str(run / "instruct" / "fmri_lm.pt"),
+                                                   "--data", str(lmd), "--out", str(res / "lm_answers.json")],
+             estimate="one forward pass a window and question (minutes on a GPU)", data=src),
     ]
 
 
@@ -243,14 +249,13 @@ def paper_plan(data: str | os.PathLike, out: str | os.PathLike, gpus: int = 1,
         Step("fc", ["state21_fc"], cli + ["baseline", "fc", "--task", "state21", "--data", str(root), "--out",
                                          str(res / "state21_fc.json")], estimate="minutes"),
     ]
-    notes = ["fMRI-LM answers on the test subjects (lmdata/test/) are not a command yet: the zero- and few-shot "
-             "tables come from chapter 08's code"]
+    notes = ["fMRI-LM few-shot adaptation (k labelled subjects per class) is chapter 08's code, not a paper step"]
     if lm_data is None:
         notes.insert(0, "fMRI-LM steps left out: --lm-data PATH (an HCP tree or fMRIPrep folder with its "
                         "participants table) adds parcellate -> split -> describe -> windows -> tokenizer -> "
-                        "lm align -> lm instruct")
+                        "lm align -> lm instruct -> lm evaluate")
     else:
-        steps += lm_paper_steps(lm_data, run, cfg, cli, torchrun)
+        steps += lm_paper_steps(lm_data, run, cfg, cli, torchrun, res)
     return Plan("paper", steps, str(root), notes)
 
 

@@ -69,8 +69,13 @@ def test_paper_plan_dry_run_and_no_gpu(tmp_path, capsys):
                  "--gpus", "8", "--lm-data", str(tmp_path / "hcp"), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     order = [name for name in ("lm_parcellate", "lm_split", "lm_describe", "lm_windows", "lm_tokenizer", "lm_align",
-                               "lm_instruct") for k, line in enumerate(lines) if line.strip().startswith(f"{k}. {name}:")]
-    assert order == ["lm_parcellate", "lm_split", "lm_describe", "lm_windows", "lm_tokenizer", "lm_align", "lm_instruct"]
+                               "lm_instruct", "lm_evaluate")
+             for k, line in enumerate(lines) if line.strip().startswith(f"{k}. {name}:")]
+    assert order == ["lm_parcellate", "lm_split", "lm_describe", "lm_windows", "lm_tokenizer", "lm_align", "lm_instruct",
+                     "lm_evaluate"]
+    evaluate = next(line for line in lines if "lm_evaluate:" in line)
+    assert "lm evaluate --checkpoint" in evaluate and "instruct/fmri_lm.pt" in evaluate
+    assert evaluate.split(" -> ")[-1].startswith("lm_answers") and "results/lm_answers.json" in evaluate
     align = next(line for line in lines if "lm_align:" in line)
     assert "torch.distributed.run --nproc-per-node=8 -m fmri_bench.cli lm align --config" in align
     assert "lm_paper.yaml" in align and "EFLOP" in align and "estimate" in align
