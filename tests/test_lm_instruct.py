@@ -287,14 +287,15 @@ def test_ablation_script_runs_every_variant_on_the_same_shots(capsys):
     spec.loader.exec_module(mod)
     res, yard = mod.main(["--llm", "tiny", "--cohort", "smoke", "--windows-per-subject", "2", "--test-per-class", "1",
                           "--tok-steps", "2", "--instruct-steps", "1", "--shot-steps", "1", "--k", "1",
-                          "--batch-size", "2", "--n-boot", "20"])
-    assert set(res) == {"lora", "frozen", "nodesc"}
+                          "--batch-size", "2", "--n-boot", "20", "--mae-steps", "2"])
+    assert set(res) == {"lora", "frozen", "nodesc", "flatmap"}
     assert res["frozen"]["trainable"] < res["lora"]["trainable"] == res["nodesc"]["trainable"]
+    assert res["flatmap"]["trainable"] != res["lora"]["trainable"]  # its adapter reads the MAE's width and tokens
     last = capsys.readouterr().out.strip().splitlines()[-1]
     fields = dict(f.split("=") for f in last.split()[1:])
     assert last.startswith("ablate_instruct ") and fields["data"] == "synthetic"
-    for key in ("state_lora", "state_frozen", "state_nodesc", "sex_lora", "sex_frozen", "sex_nodesc", "sex_probe",
-                "state_runlength", "seconds"):
+    for key in ("state_lora", "state_frozen", "state_nodesc", "state_flatmap", "sex_lora", "sex_frozen", "sex_nodesc",
+                "sex_flatmap", "sex_probe", "state_runlength", "sex_flatprobe", "state_flatprobe", "seconds"):
         assert 0 <= float(fields[key]) <= (1e6 if key == "seconds" else 100)
 
 
