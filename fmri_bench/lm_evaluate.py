@@ -200,7 +200,7 @@ def lm_evaluate(checkpoint, data, out, questions=None, descriptors: bool = True,
                  for o in q_rows[1:] if o["95% CI"] is not None]
         verdicts.append(f"{k} ({how.split(':')[0]}, {source} data): the LLM {lm_row['mean %']:.1f} % "
                         f"[{lm_row['95% CI'][0]:.1f}, {lm_row['95% CI'][1]:.1f}] is " + "; ".join(parts) + ".")
-    meta = {"data": str(data), "source": source, "checkpoint": str(checkpoint), "llm": cfg.llm,
+    meta = {"data": str(data), "source": source, "synthetic": source == "synthetic", "made_by": "fmri-bench lm evaluate", "checkpoint": str(checkpoint), "llm": cfg.llm,
             "questions": kinds, "tuned questions": sorted(tuned), "descriptors": descriptors, "seed": seed,
             "n_boot": n_boot, "test subjects": len(set(subj)), "fit windows": len(fit), "verdicts": verdicts,
             "dataset info": DATASET_INFO.format(regions=tokenizer.config.n_parcels).strip()}

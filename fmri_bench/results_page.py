@@ -69,6 +69,8 @@ PAPER_ROWS = [
              "ch05_trait_decoding", {"task": "age*", "method": "fc"}, "mean %", "max", "95% CI"),
     PaperRow(LM, "HCP sex, fine-tuned fMRI-LM (Qwen3)", 83.0, "%", "results table",
              "ch08_zero_few_shot", {"task": "sex few-shot", "method": "fmri-lm*", "k": "8"}, "mean %", "max", "95% CI"),
+    PaperRow(LM, "HCP sex, fMRI-LM tuned on sex, answering held-out subjects", 83.0, "%", "results table",
+             "lm_answers", {"task": "sex", "method": "fmri-lm*"}, "mean %", "max", "95% CI"),
     PaperRow(LM, "HCP sex, BrainLM", 81.1, "%", "results table", None, {}, ""),
 ]
 
@@ -111,7 +113,8 @@ def ours(results: Path, spec: PaperRow, synthetic: bool) -> str:
     label = ", ".join(str(pick[k]) for k in ("method", "predictor", "task") if k in pick and k not in exact)
     label = label or ", ".join(str(pick[k]) for k in ("method", "predictor") if k in pick) or label_extra
     profile = doc.get("meta", {}).get("profile")
-    where = f" ({label}; {profile} profile)" if label else f" ({profile} profile)"
+    made = f"{profile} profile" if profile else doc.get("meta", {}).get("made_by", "")
+    where = f" ({'; '.join(x for x in (label, made) if x)})" if (label or made) else ""
     return f"{text}{where} [{'synthetic' if synthetic else 'real'}]"
 
 

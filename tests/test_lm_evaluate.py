@@ -83,6 +83,13 @@ def test_evaluate_writes_the_table_with_its_yardsticks(trained, capsys):
     assert rows[("sex", "FC baseline")]["mean %"] == 100.0  # the planted coupling of parcels 0 and 1
     assert rows[("age", "mean age of the fit windows")]["MAE years"] > 0 and "MAE years" in rows[("age", "fmri-lm")]
     assert "sex (tuned, synthetic data): the LLM" in printed and "state (zero-shot" in printed
+    # the book's results page puts the table beside the paper's HCP sex number, as synthetic
+    from fmri_bench import results_page
+
+    spec = next(r for r in results_page.PAPER_ROWS if r.table == "lm_answers")
+    cell = results_page.ours(out.parent, spec, synthetic=True)
+    assert cell.startswith(f"{rows[('sex', 'fmri-lm')]['mean %']:.1f} %") and cell.endswith("[synthetic]")
+    assert "lm evaluate" in cell and results_page.ours(out.parent, spec, synthetic=False) == "not run"
 
 
 @pytest.mark.parametrize("case", ["no_fit", "missing_label", "not_json"])
