@@ -415,6 +415,8 @@ def _run_lm_windows(args) -> int:
 
 
 def _run_lm_instruct(args) -> int:
+    import os
+
     from fmri_bench.lm_instruct import instruct, load_instruct_config
 
     c = load_instruct_config(args.config, args.overrides, checkpoint=args.checkpoint, windows=args.windows,
@@ -424,8 +426,10 @@ def _run_lm_instruct(args) -> int:
                              fit_descriptors=True if args.fit_descriptors else None)
     res = instruct(c.checkpoint, c.windows, c.labels, c.questions, args.run_dir, steps=c.steps,
                    batch_size=c.batch_size, lr=c.lr, seed=c.seed, descriptors=c.descriptors,
-                   fit_descriptors=c.fit_descriptors, resume=args.resume, llm=c.llm)
-    print(f"step {res['step']}: answer loss {res['loss']:.4f} on {res['examples']} examples -> {res['run_dir']}/fmri_lm.pt")
+                   fit_descriptors=c.fit_descriptors, resume=args.resume, llm=c.llm, device=c.device)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun rank 0 reports
+        print(f"step {res['step']}: answer loss {res['loss']:.4f} on {res['examples']} examples -> "
+              f"{res['run_dir']}/fmri_lm.pt")
     return 0
 
 

@@ -76,8 +76,9 @@ def interval_verdict(a: list[float], b: list[float]) -> str:
 
 def lm_evaluate(checkpoint, data, out, questions=None, descriptors: bool = True, fit_descriptors: bool = False,
                 llm: str | None = None, n_boot: int = 1000, seed: int = 0, batch_size: int = 8,
-                fc_max_fit: int = 2000, progress: bool = True) -> dict:
-    """``fmri-bench lm evaluate`` (see the module docstring) -> {"rows", "verdicts", "json", "md"}."""
+                fc_max_fit: int = 2000, progress: bool = True, device: str = "auto") -> dict:
+    """``fmri-bench lm evaluate`` (see the module docstring) -> {"rows", "verdicts", "json", "md"}.
+    device: where the LLM answers ("auto": CUDA when present; the tokenizer features stay on the CPU)."""
     from tqdm.auto import tqdm
 
     from fmri_bench import book
@@ -94,6 +95,8 @@ def lm_evaluate(checkpoint, data, out, questions=None, descriptors: bool = True,
         raise InputError("no test/windows.npy: give the folder `fmri-bench lm windows --out` wrote", data)
     tuned = set((load_checkpoint(checkpoint).get("instruct") or {}).get("questions", []))
     model, tokenizer, cfg, w_test, _ = load_trained(checkpoint, data / "test" / "windows.npy", llm)
+    model.to(torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device))
     _, test, frames_test = _part(data, "test", tokenizer)
     w_fit, fit, frames_fit = _part(data, "fit", tokenizer)
     if not test or not fit:

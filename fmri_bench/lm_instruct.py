@@ -210,7 +210,7 @@ def subject_bootstrap(y_true, y_pred, subjects, n_boot: int = 1000, seed: int = 
 def instruct_train(model, features: torch.Tensor, exs, steps: int, batch_size: int = 4, lr: float = 2e-4,
                    seed: int = 0, run_dir=None, resume: bool = False, ckpt_every: int = 0,
                    stop_at: int | None = None, progress: bool = False, tokenizer_fp: str | None = None,
-                   settings: dict | None = None) -> list[dict]:
+                   settings: dict | None = None, dd=None) -> list[dict]:
     """Tune ``model`` (an ``FmriLM``: its trainable adapter + heads) on ``exs`` (``examples``):
     cross-entropy on the answer tokens only (the prompt is context; the F2F / T2T terms are off).
     Batches are drawn with a seeded generator; with ``run_dir`` a checkpoint (trainable state,
@@ -219,14 +219,26 @@ def instruct_train(model, features: torch.Tensor, exs, steps: int, batch_size: i
 
     The checkpoint records the LLM's and the tokenizer's fingerprints (``tokenizer_fp``) and the
     run's settings (steps, batch size, lr, seed, a digest of the examples, and ``settings``, e.g.
-    a digest of the windows); resuming with another LLM, tokenizer or settings is refused."""
+    a digest of the windows); resuming with another LLM, tokenizer or settings is refused.
+
+    dd: a ``distributed.Distributed`` (``fmri-bench lm instruct`` under torchrun): every rank
+    draws the same seeded batch and takes rows r, r + N, ... of it (the batch size must divide
+    by N); each backpropagates its share of the batch's answer-token loss (its token-loss sum /
+    the batch's answer-token count, ``lm_train._rank_loss``) and the gradients are summed, the
+    one-process gradient of the batch; the logged loss is the batch's; only rank 0 writes the
+    checkpoint, and every rank resumes from it. None: one process."""
     import hashlib
     import json
 
     from tqdm.auto import tqdm
 
+    from fmri_bench.distributed import Distributed
+    from fmri_bench.lm_train import _rank_loss, _sum_grads, check_divisible
+
+    dd = dd if dd is not None else Distributed()
     if not exs:
         raise InputError("no instruction examples")
+    check_divisible(dd.world, batch_size=min(batch_size, len(exs)), why=f" ({len(exs)} instruction examples)")
     digest = hashlib.sha256(json.dumps([list(e) for e in exs]).encode()).hexdigest()[:16]
     settings = {"steps": int(steps), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
                 "examples": digest, **(settings or {})}
@@ -266,22 +278,27 @@ def instruct_train(model, features: torch.Tensor, exs, steps: int, batch_size: i
     saved = {k: getattr(model.config, k) for k in ("f2f_weight", "t2t_weight", "f2t_weight")}
     model.config.f2f_weight, model.config.t2t_weight, model.config.f2t_weight = 0.0, 0.0, 1.0
     model.train()
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc="instruct", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, disable=not (progress and dd.main), desc="instruct", dynamic_ncols=True)
     try:
         while step < steps:
             pick = torch.randperm(len(exs), generator=gen)[:batch_size].tolist()
-            b = [exs[i] for i in pick]
+            b = [exs[i] for i in pick[dd.rank::dd.world]]  # this rank's share of the batch
             idx = torch.tensor([e[0] for e in b])
             codes = torch.zeros(len(b), features.shape[1], dtype=torch.long)  # F2F is off
-            out = model.losses(features[idx], codes, [" " + e[2] for e in b], prompts=[e[1] for e in b])
-            out["total"].backward()
+            answers, prompts = [" " + e[2] for e in b], [e[1] for e in b]
+            out = model.losses(features[idx], codes, answers, prompts=prompts)
+            loss = out["total"] if dd.world == 1 else _rank_loss(model, out, answers, [], dd, prompts=prompts)[0]
+            loss.backward()
+            if dd.world > 1:
+                _sum_grads(params, dd)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            hist.append({"step": step, "loss": float(out["total"].detach())})
+            logged = loss.detach().double().reshape(1)
+            hist.append({"step": step, "loss": float(dd.sum(logged) if dd.world > 1 else logged)})
             bar.update(1)
-            if ckpt is not None and ((ckpt_every and step % ckpt_every == 0) or step == steps):
+            if ckpt is not None and dd.main and ((ckpt_every and step % ckpt_every == 0) or step == steps):
                 save()
             if stop_at is not None and step >= stop_at:
                 break
@@ -289,6 +306,7 @@ def instruct_train(model, features: torch.Tensor, exs, steps: int, batch_size: i
         for k, v in saved.items():
             setattr(model.config, k, v)
         bar.close()
+    dd.barrier()  # rank 0's checkpoint is on disk before any rank goes on (and may resume from it)
     model.eval()
     return hist
 
@@ -418,6 +436,7 @@ class InstructConfig:
     descriptors: bool = True
     fit_descriptors: bool = False
     llm: str | None = None
+    device: str = "auto"               # auto: CUDA when present; under torchrun one rank per GPU (or CPU, gloo)
 
 
 def load_instruct_config(path=None, overrides=(), **given) -> InstructConfig:
@@ -454,13 +473,15 @@ def load_instruct_config(path=None, overrides=(), **given) -> InstructConfig:
 
 def instruct(checkpoint, windows_path, labels_path, questions, run_dir, steps: int = 50, batch_size: int = 4,
              lr: float = 2e-4, seed: int = 0, descriptors: bool = True, fit_descriptors: bool = False,
-             resume: bool = False, llm: str | None = None, progress: bool = True) -> dict:
+             resume: bool = False, llm: str | None = None, progress: bool = True, device: str = "auto") -> dict:
     """``fmri-bench lm instruct``: tune a stage-2 model (``lm align``'s ``fmri_lm.pt``) on the
     question types ``questions`` about the windows of ``windows_path`` with ``labels_path``'s
     labels -> writes ``run_dir/instruct_checkpoint.pt`` (resumable) and ``run_dir/fmri_lm.pt``
     (readable by ``fmri-bench ask``). Every prompt is checked before any training: one longer
     than the model's text budget is refused (or, with ``fit_descriptors``, its descriptor text is
-    cut at sentence ends)."""
+    cut at sentence ends). Under ``torchrun --nproc_per_node N`` it runs data-parallel
+    (``instruct_train``'s ``dd``; rank 0 writes the files)."""
+    from fmri_bench import distributed
     from fmri_bench.fmri_lm import tokenizer_inputs
     from fmri_bench.lm_answer import _check_prompt
     from fmri_bench.lm_train import load_trained, save_model
@@ -486,15 +507,20 @@ def instruct(checkpoint, windows_path, labels_path, questions, run_dir, steps: i
     import hashlib
 
     windows_digest = hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()[:16]
+    dd = distributed.setup(device)
+    model.to(dd.device)
     hist = instruct_train(model, feats, exs, steps, batch_size, lr, seed, run_dir=run_dir, resume=resume,
                           ckpt_every=max(1, steps // 5), progress=progress, tokenizer_fp=tok_fp,
-                          settings={"windows": windows_digest})
+                          settings={"windows": windows_digest}, dd=dd)
     from fmri_bench.lm_train import load_checkpoint
 
     before = load_checkpoint(checkpoint).get("instruct") or {}  # a model tuned again keeps what it saw first
     seen = list(dict.fromkeys([*before.get("questions", []), *kinds]))
-    save_model(model, os.path.join(run_dir, "fmri_lm.pt"), tok_fp, cfg,
-               instruct={"questions": seen, "steps": int(before.get("steps", 0)) + int(steps),
-                         "descriptors": bool(descriptors)})
+    if dd.main:
+        save_model(model, os.path.join(run_dir, "fmri_lm.pt"), tok_fp, cfg,
+                   instruct={"questions": seen, "steps": int(before.get("steps", 0)) + int(steps),
+                             "descriptors": bool(descriptors)})
+    dd.barrier()
+    dd.close()
     return {"step": hist[-1]["step"] if hist else 0, "loss": hist[-1]["loss"] if hist else float("nan"),
             "examples": len(exs), "run_dir": str(run_dir)}

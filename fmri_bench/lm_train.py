@@ -365,7 +365,8 @@ def check_divisible(world: int, why: str = "", **sizes) -> None:
             raise InputError(f"{name} {n} is not divisible by the {world} ranks{why}")
 
 
-def _rank_loss(model: FmriLM, out: dict, descs: list[str], plain: list[str], dd) -> tuple[torch.Tensor, dict]:
+def _rank_loss(model: FmriLM, out: dict, descs: list[str], plain: list[str], dd,
+               prompts: list[str] | None = None) -> tuple[torch.Tensor, dict]:
     """This rank's share of the global batch's loss -> (loss to backpropagate, shares of the
     logged values); summed over ranks, both are the one-process values of the global batch.
 
@@ -374,14 +375,15 @@ def _rank_loss(model: FmriLM, out: dict, descs: list[str], plain: list[str], dd)
     and every rank the same number of windows, so its share is the rank's mean / world. The text
     losses' shares are the rank's sum of token losses / the global token count (its mean x its
     tokens / all ranks' tokens, the counts all-reduced first), since the ranks' texts differ in
-    length. Gradients are then SUM-all-reduced (``_sum_grads``)."""
+    length. Gradients are then SUM-all-reduced (``_sum_grads``). prompts: the context between
+    the scan and each text (stage 3: the question; no loss on it)."""
     c = model.config
     w = dd.world
     shares = {k: out[k] / w for k in ("f2f", "f2f_acc") if k in out}
     loss = c.f2f_weight * shares["f2f"] if "f2f" in out else torch.zeros((), device=dd.device)
     n = torch.zeros(2, dtype=torch.float64, device=dd.device)
     if "f2t" in out:
-        n[0] = int((model.layout(descs, with_fmri=True).labels[:, 1:] != -100).sum())
+        n[0] = int((model.layout(descs, with_fmri=True, prompts=prompts).labels[:, 1:] != -100).sum())
     if "t2t" in out:
         n[1] = int((model.layout(plain, with_fmri=False).labels[:, 1:] != -100).sum())
     total = dd.sum(n.clone())

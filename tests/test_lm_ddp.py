@@ -1,4 +1,4 @@
-"""Stage-2 training data-parallel (gloo, 2 CPU ranks started as torchrun would, killed after
+"""Stage-2 (and stage-3) training data-parallel (gloo, 2 CPU ranks started as torchrun would, killed after
 step 2 and resumed) against one process on the same global batches: the same trained adapter
 and heads and the same logged losses; batch sizes the ranks cannot split are refused."""
 
@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fmri_bench.errors import InputError
+from fmri_bench.lm_instruct import instruct_train
 from fmri_bench.lm_train import train
 from tests.test_fmri_lm import _cfg, tiny_llm
 
@@ -85,3 +86,75 @@ def test_effective_batch_sizes_are_checked():
     check_divisible(2, batch_size=4, t2t_batch_size=0)
     with pytest.raises(InputError, match=r"^t2t_batch_size 3 is not divisible by the 2 ranks \(5 T2T paragraphs\)$"):
         check_divisible(2, " (5 T2T paragraphs)", batch_size=4, t2t_batch_size=3)
+
+
+def _instruct_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.optim.AdamW = _SGD
+    from pathlib import Path
+
+    from fmri_bench import distributed
+
+    dd = distributed.setup("cpu")
+    f, exs = _instruct_data()
+    run = Path(tmp) / "irun"
+    part = instruct_train(_instruct_model(), f, exs, steps=3, batch_size=4, lr=0.5, run_dir=run, ckpt_every=1,
+                          stop_at=2, dd=dd)  # killed after step 2 ...
+    assert len(part) == 2
+    model = _instruct_model()
+    hist = instruct_train(model, f, exs, steps=3, batch_size=4, lr=0.5, run_dir=run, resume=True, ckpt_every=1, dd=dd)
+    torch.save({"trainable": model.trainable_state_dict(), "history": hist}, Path(tmp) / f"irank{rank}.pt")
+    dd.close()
+
+
+def _instruct_model():
+    from tests.test_lm_instruct import model
+
+    return model(seed=1)
+
+
+def _instruct_data():
+    from fmri_bench import lm_instruct as I
+    from tests.test_lm_instruct import planted
+
+    f, labels, subjects = planted()
+    texts = ["the brain network coupling is typical."] * len(f)
+    # answers of 1 (Male), 2 (36+) and 3 tokens (22-25): the ranks' token counts differ, so the weighting matters
+    return f, I.examples(labels, texts, range(len(f)), ["sex", "age_bin"], n_regions=3, seed=0)
+
+
+def test_instruct_two_ranks_train_what_one_process_trains(tmp_path, one_thread, monkeypatch):
+    """Stage 3 data-parallel (2 gloo ranks, killed after step 2 and resumed from rank 0's
+    checkpoint) tunes the adapter one process tunes on the same batches and logs its losses."""
+    from fmri_bench.lm_instruct import instruct_train
+
+    monkeypatch.setattr(torch.optim, "AdamW", _SGD)
+    f, exs = _instruct_data()
+    one_model = _instruct_model()
+    one_hist = instruct_train(one_model, f, exs, steps=3, batch_size=4, lr=0.5)
+    one = one_model.trainable_state_dict()
+    mp.spawn(_instruct_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"irank{r}.pt", weights_only=False) for r in range(2)]
+    moved = False
+    start = _instruct_model().trainable_state_dict()
+    for name, p in one.items():
+        moved |= not torch.allclose(p, start[name])
+        for r in ranks:
+            assert torch.allclose(r["trainable"][name], p, atol=2e-5), name
+    assert moved  # the check is not trivially met by untrained weights
+    for r in ranks:
+        assert [h["step"] for h in r["history"]] == [1, 2, 3]
+        for h, o in zip(r["history"], one_hist):
+            assert h["loss"] == pytest.approx(o["loss"], rel=1e-5, abs=1e-6)
+    assert (tmp_path / "irun" / "instruct_checkpoint.pt").is_file()
+
+
+def test_instruct_batch_must_divide_by_the_ranks():
+    from fmri_bench import distributed
+    from fmri_bench.lm_instruct import instruct_train
+
+    f, exs = _instruct_data()
+    with pytest.raises(InputError, match=r"batch_size 3 is not divisible by the 2 ranks \(48 instruction examples\)"):
+        instruct_train(_instruct_model(), f, exs, steps=1, batch_size=3, dd=distributed.Distributed(rank=0, world=2))
