@@ -110,3 +110,23 @@ def test_parcellate_takes_a_dataset_folder(tmp_path, capsys):
     capsys.readouterr()
     assert main(["parcellate", str(tmp_path / "empty"), "--out", str(tmp_path / "q")]) == 2
     assert "no HCP" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_short_runs_skip_rule_through_the_command(tree, capsys):
+    """--short skip leaves out a run shorter than one window (pad keeps it, zero-padded); a tail
+    after full windows is dropped either way; no run long enough: one line, exit 2, nothing written."""
+    tsv = str(tree / "participants.tsv")
+    assert main(["lm", "split", str(tree / "parcels"), "--labels-from", tsv, "--out", str(tree / "split.json")]) == 0
+    assert main(["describe", str(tree / "parcels"), "--out", str(tree / "c.jsonl"), "--split", str(tree / "split.json")]) == 0
+    base = ["lm", "windows", str(tree / "parcels"), "--corpus", str(tree / "c.jsonl"), "--labels-from", tsv]
+    # 100 frames a run: 64-frame windows give one full window each (the 36-frame tail dropped), pad or skip alike
+    for short in ("pad", "skip"):
+        assert main(base + ["--out", str(tree / short), "--length", "64", "--short", short]) == 0
+        w = np.load(tree / short / "windows.npy")
+        assert w.shape == (24, 64, 7) and (np.abs(w).sum(axis=(1, 2)) > 0).all()
+    capsys.readouterr()
+    # 160-frame windows: pad keeps every run (test_split_describe_windows), skip has none left
+    rc = main(base + ["--out", str(tree / "none"), "--short", "skip"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "no run gives a 160-frame window" in err and len(err.splitlines()) == 1, err
+    assert not (tree / "none").exists()
