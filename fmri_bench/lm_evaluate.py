@@ -37,8 +37,9 @@ import torch
 from fmri_bench.errors import InputError
 
 
-def _part(data: Path, part: str, tokenizer) -> tuple[np.ndarray, list[dict], np.ndarray]:
-    """``data/part/`` -> (windows (n, T, R), label records, real frames per window)."""
+def _part(data: Path, part: str, tokenizer, w: np.ndarray | None = None) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """``data/part/`` -> (windows (n, T, R), label records, real frames per window); ``w``: the
+    part's windows when they are already read (checked against the tokenizer)."""
     from fmri_bench.lm_instruct import read_labels
     from fmri_bench.lm_train import read_windows
 
@@ -46,7 +47,7 @@ def _part(data: Path, part: str, tokenizer) -> tuple[np.ndarray, list[dict], np.
     for name in ("windows.npy", "labels.jsonl", "corpus.jsonl"):
         if not (folder / name).is_file():
             raise InputError(f"no {part}/{name}: give the folder `fmri-bench lm windows --out` wrote", data)
-    w = read_windows(folder / "windows.npy", tokenizer)
+    w = read_windows(folder / "windows.npy", tokenizer) if w is None else w
     recs = read_labels(folder / "labels.jsonl", len(w))
     corpus = [json.loads(x) for x in (folder / "corpus.jsonl").read_text().splitlines() if x.strip()]
     if len(corpus) != len(w):
@@ -84,7 +85,7 @@ def lm_evaluate(checkpoint, data, out, questions=None, descriptors: bool = True,
     from fmri_bench import book
     from fmri_bench.lm_answer import _check_prompt, answer
     from fmri_bench.lm_instruct import (
-        DATASET_INFO, QUESTIONS, answer_summary, check_question, examples, probe_fit, window_fc,
+        DATASET_INFO, QUESTIONS, answer_summary, check_question, examples, mae_with_ci, pooled, probe_fit, window_fc,
     )
     from fmri_bench.lm_train import load_checkpoint, load_trained
 
@@ -97,7 +98,7 @@ def lm_evaluate(checkpoint, data, out, questions=None, descriptors: bool = True,
     model, tokenizer, cfg, w_test, _ = load_trained(checkpoint, data / "test" / "windows.npy", llm)
     model.to(torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device))
-    _, test, frames_test = _part(data, "test", tokenizer)
+    _, test, frames_test = _part(data, "test", tokenizer, w_test)
     w_fit, fit, frames_fit = _part(data, "fit", tokenizer)
     if not test or not fit:
         raise InputError("the test or the fit part holds no windows", data)
@@ -142,7 +143,7 @@ def lm_evaluate(checkpoint, data, out, questions=None, descriptors: bool = True,
     with torch.no_grad():
         for i in range(0, len(test), batch_size):
             feats, _ = tokenizer_inputs(tokenizer, torch.from_numpy(w_test[i:i + batch_size]), causal=cfg.causal_features)
-            pooled_test.append(feats.float().mean(1).numpy())
+            pooled_test.append(pooled(feats))
             for k in kinds:
                 b = [e for j in range(i, min(i + batch_size, len(test))) for e in by_window[j] if e[3] == k]
                 res = answer(model, feats[torch.tensor([e[0] - i for e in b])], [e[1] for e in b], QUESTIONS[k].options)
@@ -185,8 +186,6 @@ def lm_evaluate(checkpoint, data, out, questions=None, descriptors: bool = True,
                 row["MAE years"], row["MAE 95% CI"] = round(s["mae"], 2), [round(c, 2) for c in s["mae_ci95"]]
             q_rows.append(row)
         if q.numeric:
-            from fmri_bench.lm_instruct import mae_with_ci
-
             mean_age = float(np.mean(yf.astype(float)))
             mae, ci = mae_with_ci(y.astype(float), np.full(len(y), mean_age), subj, n_boot, seed)
             q_rows.append({"task": k, "method": "mean age of the fit windows", "mean %": None, "95% CI": None,
